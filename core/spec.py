@@ -1,0 +1,669 @@
+"""Experiment specs: YAML to validated models, sweep expansion and run ids.
+
+A spec file holds ``defaults`` (merged under every experiment) and a list of
+``experiments``. Each experiment may carry a ``sweep``: a grid over dotted
+keys (``data.radius``, ``seed``, ...). Every problem is reported as a
+:class:`SpecError` naming the file, line, key path, what was found and what
+is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SCHEMA_VERSION = 1
+RUN_ID_MAX = 120  # longer readable run ids are replaced by a hash
+KINDS = ("construct",)
+LATER_KINDS = ("flow", "trap", "collapse")
+
+
+# ------------------------------------------------------------------ errors
+
+@dataclass
+class SpecError(Exception):
+    """One problem in a spec, located to a file, line and key path."""
+
+    file: str
+    line: int | None
+    path: str
+    found: str
+    allowed: str
+
+    def __str__(self):
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        key = f" {self.path}:" if self.path else ""
+        return f"{where}:{key} found {self.found}; allowed: {self.allowed}"
+
+
+class SpecErrors(Exception):
+    """All problems found in one spec, in file order."""
+
+    def __init__(self, errors):
+        self.errors = sorted(errors, key=lambda e: (e.line or 0, e.path))
+        super().__init__("\n".join(str(e) for e in self.errors))
+
+
+# ------------------------------------------------------------------ models
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+Matrix = list[list[float]]
+
+
+class ClustersData(_Strict):
+    """Q clusters in R^dim: balls or Gaussians about chosen means."""
+
+    source: Literal["clusters"]
+    classes: int = Field(ge=1)
+    dim: int = Field(ge=1)
+    points: int | list[int] = Field(description="points per class, one number or one per class")
+    radius: float = Field(ge=0)
+    distribution: Literal["ball", "gaussian"] = "ball"
+    layout: Literal["simplex", "random", "given"] = "simplex"
+    scale: float = Field(1.0, gt=0)
+    separation: float | None = Field(None, ge=0)
+    means: Matrix | None = None
+    targets: Literal["onehot"] | Matrix = "onehot"
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        Q = self.classes
+        if isinstance(self.points, list):
+            _expect(len(self.points) == Q, "points", self.points, f"{Q} class sizes (one per class)")
+            _expect(all(p >= 1 for p in self.points), "points", self.points, "sizes >= 1")
+        else:
+            _expect(self.points >= 1, "points", self.points, "an integer >= 1")
+        if self.layout == "given":
+            ok = self.means is not None and len(self.means) == Q and all(
+                len(m) == self.dim for m in self.means)
+            _expect(ok, "means", self.means, f"{Q} rows of {self.dim} numbers with layout: given")
+        else:
+            _expect(self.means is None, "means", self.means, "means only with layout: given")
+        _check_targets(self.targets, Q)
+        return self
+
+
+class FileData(_Strict):
+    """Points read from ``.npz`` (X, labels, optional Y) or ``.csv``."""
+
+    source: Literal["file"]
+    path: str
+    targets: Literal["onehot", "file"] | Matrix = "file"
+
+    @model_validator(mode="after")
+    def _suffix(self):
+        _expect(Path(self.path).suffix in (".npz", ".csv"), "path", self.path,
+                "a .npz or .csv file")
+        return self
+
+
+DataSpec = Annotated[Union[ClustersData, FileData], Field(discriminator="source")]
+
+
+class NetworkSpec(_Strict):
+    """Architecture: hidden widths (default: one layer of width dim per class)."""
+
+    hidden: list[Annotated[int, Field(ge=1)]] | None = None
+    activation: Literal["relu"] = "relu"
+
+
+class ConstructSpec(_Strict):
+    """Options of ``dlmin construct`` (reference/construct.md section 4)."""
+
+    method: Literal["clustered"] = "clustered"
+    mu_factor: float = Field(2.5, gt=2, lt=3)
+    theta0: float = Field(0.05, gt=0, lt=math.pi)
+    radius: Literal["auto", "data"] | Annotated[float, Field(ge=0)] = "auto"
+    order: list[int] | None = None
+    intercept: bool = False
+    strict: bool = True
+    heldout: int = Field(100, ge=0)
+    store_limit: int = Field(10000, ge=0)
+
+
+# The field `construct` shadows BaseModel.construct, a deprecated alias of
+# model_construct that this project never calls; the spec key must keep its name.
+warnings.filterwarnings("ignore", message='Field name "construct"', category=UserWarning)
+
+
+class Experiment(_Strict):
+    """One experiment of a spec, as validated for one run."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    kind: str
+    description: str | None = None
+    seed: int = Field(0, ge=0)
+    data: DataSpec
+    network: NetworkSpec = NetworkSpec()
+    construct: ConstructSpec = ConstructSpec()
+    sweep: dict[str, list[Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _kind_and_shapes(self):
+        if self.kind not in KINDS:
+            later = f" ({', '.join(LATER_KINDS)} are not built yet)" if self.kind in LATER_KINDS else ""
+            raise _FieldProblem("kind", self.kind, " | ".join(KINDS) + later)
+        if isinstance(self.data, ClustersData):
+            _check_construct_shapes(self)
+        return self
+
+
+def _check_construct_shapes(exp):
+    d, Q = exp.data.dim, exp.data.classes
+    hidden = exp.network.hidden
+    if hidden is not None:
+        _expect(all(w == d for w in hidden), "network.hidden", hidden,
+                f"widths equal to data.dim = {d} (Construction A uses square layers)")
+    order = exp.construct.order
+    if order is not None:
+        _expect(sorted(order) == list(range(Q)), "construct.order", order,
+                f"a permutation of 0..{Q - 1}")
+
+
+class _FieldProblem(ValueError):
+    """A cross-field check that names its own key path."""
+
+    def __init__(self, path, found, allowed):
+        self.path, self.found, self.allowed = path, found, allowed
+        super().__init__(f"{path}: found {found!r}; allowed: {allowed}")
+
+
+def _expect(ok, path, found, allowed):
+    if not ok:
+        raise _FieldProblem(path, found, allowed)
+
+
+def _check_targets(targets, Q):
+    if isinstance(targets, list):
+        ok = len(targets) == Q and len({len(r) for r in targets}) == 1
+        _expect(ok, "targets", targets, f"{Q} rows of equal length (row j is y_j)")
+
+
+# --------------------------------------------------------------- YAML, lines
+
+class _Loader(yaml.SafeLoader):
+    """YAML loader that reads ``1e-3`` as a float (YAML 1.2), not a string."""
+
+
+_FLOAT = re.compile(
+    r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)$"
+    r"|^[-+]?(?:[0-9][0-9_]*)?\.[0-9_]*$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+)
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+def _parse_yaml(text, file):
+    """Parse YAML text into Python values and a map from key paths to lines."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        lines = {}
+        value = _walk(node, (), lines, loader, file) if node is not None else None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        raise SpecErrors([SpecError(file, line, "", f"invalid YAML ({exc.problem})",
+                                    "a YAML mapping with 'defaults' and 'experiments'")]) from None
+    finally:
+        loader.dispose()
+    return value, lines
+
+
+def _walk(node, path, lines, loader, file):
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        loader.flatten_mapping(node)
+        out = {}
+        for k_node, v_node in node.value:
+            key = loader.construct_object(k_node, deep=True)
+            if key in out:
+                raise SpecErrors([SpecError(file, k_node.start_mark.line + 1,
+                                            _dotted(path + (key,)), f"duplicate key {key!r}",
+                                            "each key once per mapping")])
+            out[key] = _walk(v_node, path + (key,), lines, loader, file)
+            lines[path + (key,)] = k_node.start_mark.line + 1
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_walk(v, path + (i,), lines, loader, file) for i, v in enumerate(node.value)]
+    return loader.construct_object(node, deep=True)
+
+
+def _dotted(path):
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+# ------------------------------------------------------------------- runs
+
+@dataclass
+class Run:
+    """One run of an experiment: a sweep point with its config and output.
+
+    Attributes
+    ----------
+    experiment, kind, run_id : str
+    point : dict
+        Swept values of this run, by dotted key.
+    config : Experiment
+        The validated configuration of this run.
+    seed : int
+        Root seed of the run; its random stream is
+        ``numpy.random.default_rng([run_key, seed])``.
+    run_key : int
+        Stable integer from the experiment name and the non-seed sweep values.
+    path : pathlib.Path
+        Output file, ``<out>/<experiment>/<run_id>.h5``.
+    spec_hash : str
+        Hash of everything that determines the result.
+    spec_text : str
+        The run's resolved configuration as YAML.
+    """
+
+    experiment: str
+    kind: str
+    run_id: str
+    point: dict
+    config: Experiment
+    seed: int
+    run_key: int
+    path: Path
+    spec_hash: str
+    spec_text: str
+    source_text: str = ""
+    spec_file: str = ""
+
+    def rng(self):
+        import numpy as np
+
+        return np.random.default_rng([self.run_key, self.seed])
+
+
+@dataclass
+class Spec:
+    """A parsed spec: the file, its text and raw experiments with defaults merged."""
+
+    file: str
+    text: str
+    experiments: list = field(default_factory=list)
+    lines: dict = field(default_factory=dict)
+
+
+TOP_KEYS = ("defaults", "experiments")
+
+
+def load_spec(path):
+    """Read and check a spec file; raise :class:`SpecErrors` listing every problem."""
+    path = Path(path)
+    file = str(path)
+    if not path.exists():
+        raise SpecErrors([SpecError(file, None, "", "no such file", "a path to a YAML spec")])
+    text = path.read_text()
+    raw, lines = _parse_yaml(text, file)
+    spec = Spec(file, text, lines=lines)
+    errors = _check_top(raw, file, lines)
+    if errors:
+        raise SpecErrors(errors)
+    defaults = raw.get("defaults") or {}
+    seen = {}
+    for i, exp in enumerate(raw["experiments"]):
+        if not isinstance(exp, dict):
+            errors.append(SpecError(file, lines.get(("experiments", i)), f"experiments[{i}]",
+                                    _short(exp), "a mapping with name, kind, data, ..."))
+            continue
+        merged = _deep_merge(defaults, exp)
+        name = exp.get("name")
+        if name in seen:
+            errors.append(SpecError(file, lines.get(("experiments", i, "name")),
+                                    f"experiments[{i}].name", repr(name),
+                                    f"a name not used before (line {seen[name]})"))
+        seen[name] = lines.get(("experiments", i, "name"))
+        spec.experiments.append((i, merged))
+    for i, merged in spec.experiments:
+        errors += _check_experiment(spec, i, merged)
+    if errors:
+        raise SpecErrors(_dedupe(errors))
+    return spec
+
+
+def _check_top(raw, file, lines):
+    if not isinstance(raw, dict):
+        return [SpecError(file, 1, "", _short(raw), "a mapping with keys defaults, experiments")]
+    errors = [SpecError(file, lines.get((k,)), k, f"unknown key {k!r}", ", ".join(TOP_KEYS))
+              for k in raw if k not in TOP_KEYS]
+    exps = raw.get("experiments")
+    if not isinstance(exps, list) or not exps:
+        errors.append(SpecError(file, lines.get(("experiments",), 1), "experiments",
+                                _short(exps), "a non-empty list of experiments"))
+    if "defaults" in raw and not isinstance(raw["defaults"], (dict, type(None))):
+        errors.append(SpecError(file, lines.get(("defaults",)), "defaults",
+                                _short(raw["defaults"]), "a mapping of experiment keys"))
+    return errors
+
+
+def _deep_merge(base, over):
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _sweep_points(sweep):
+    """Grid over the sweep: a list of {dotted key: value}, in file order."""
+    if not sweep:
+        return [{}]
+    keys = list(sweep)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(sweep[k] for k in keys))]
+
+
+def _check_sweep(spec, i, merged):
+    sweep = merged.get("sweep") or {}
+    base = ("experiments", i, "sweep")
+    if not isinstance(sweep, dict):
+        return [SpecError(spec.file, spec.lines.get(base), f"experiments[{i}].sweep",
+                          _short(sweep), "a mapping from dotted keys to lists of values")]
+    errors = []
+    for key, values in sweep.items():
+        line = spec.lines.get(base + (key,))
+        where = f"experiments[{i}].sweep.{key}"
+        if not isinstance(key, str) or key.split(".")[0] in ("name", "kind", "sweep"):
+            errors.append(SpecError(spec.file, line, where, repr(key),
+                                    "a dotted key other than name, kind and sweep"))
+        elif not isinstance(values, list) or not values:
+            errors.append(SpecError(spec.file, line, where, _short(values),
+                                    "a non-empty list of values"))
+    return errors
+
+
+def _check_experiment(spec, i, merged):
+    errors = _check_sweep(spec, i, merged)
+    if errors:
+        return errors
+    for point in _sweep_points(merged.get("sweep") or {}):
+        raw = _apply_point(merged, point)
+        try:
+            Experiment.model_validate(raw)
+        except ValidationError as exc:
+            errors += [_locate(spec, i, raw, point, e) for e in exc.errors()]
+    return errors
+
+
+def _apply_point(merged, point):
+    raw = copy.deepcopy(merged)
+    for key, value in point.items():
+        parts = key.split(".")
+        target = raw
+        for p in parts[:-1]:
+            if not isinstance(target.get(p), dict):
+                target[p] = {}
+            target = target[p]
+        target[parts[-1]] = copy.deepcopy(value)
+    return raw
+
+
+def _locate(spec, i, raw, point, err):
+    """Turn one pydantic error into a SpecError with line and key path."""
+    path, allowed = _raw_path(raw, err["loc"]), _allowed(err, raw)
+    ctx_err = err.get("ctx", {}).get("error")
+    if isinstance(ctx_err, _FieldProblem):
+        path = path + tuple(ctx_err.path.split("."))
+        allowed = ctx_err.allowed
+    found = _found(raw, path, err)
+    dotted = ".".join(str(p) for p in path)
+    swept = next((k for k in point if dotted == k or dotted.startswith(k + ".")), None)
+    if swept is not None:
+        vals = raw.get("sweep", {}).get(swept, [])
+        idx = next((n for n, v in enumerate(vals) if v == point[swept]), 0)
+        line = spec.lines.get(("experiments", i, "sweep", swept, idx),
+                              spec.lines.get(("experiments", i, "sweep", swept)))
+        where = f"experiments[{i}].sweep.{swept}[{idx}]"
+    else:
+        line = _line_for(spec, i, path)
+        where = _dotted(("experiments", i) + path)
+    return SpecError(spec.file, line, where, found, allowed)
+
+
+def _raw_path(raw, loc):
+    """Drop pydantic's union tags from an error location."""
+    out, node = [], raw
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            out.append(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            out.append(part)
+            node = node[part]
+        elif isinstance(node, dict) and part == node.get("source"):
+            continue
+        elif isinstance(part, str) and part not in ("function-after",) and "[" not in part:
+            out.append(part)
+            node = None
+    return tuple(out)
+
+
+def _line_for(spec, i, path):
+    for n in range(len(path), -1, -1):
+        line = spec.lines.get(("experiments", i) + path[:n])
+        if line is not None:
+            return line
+        line = spec.lines.get(("defaults",) + path[:n]) if n else None
+        if line is not None:
+            return line
+    return None
+
+
+def _found(raw, path, err):
+    if err["type"] == "missing":
+        return "nothing (the key is missing)"
+    node = raw
+    for p in path:
+        try:
+            node = node[p]
+        except (KeyError, IndexError, TypeError):
+            return _short(err.get("input"))
+    if err["type"] == "extra_forbidden":
+        return f"unknown key {path[-1]!r}"
+    return _short(node)
+
+
+def _allowed(err, raw):
+    typ, ctx = err["type"], err.get("ctx", {})
+    if typ == "extra_forbidden":
+        keys = _model_keys(err["loc"][:-1], raw)
+        return "one of " + ", ".join(keys) if keys else "no such key here"
+    if typ == "missing":
+        return "a value is required here"
+    if typ == "literal_error":
+        return ctx.get("expected", "").replace(" or ", " | ")
+    if typ == "union_tag_invalid":
+        return ctx.get("expected_tags", "").replace("'", "")
+    if typ == "union_tag_not_found":
+        return "a 'source' key: clusters | file"
+    bounds = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}",
+              "less_than": "< {lt}", "less_than_equal": "<= {le}"}
+    if typ in bounds:
+        return "a number " + bounds[typ].format(**ctx)
+    msg = err["msg"]
+    for prefix in ("Input should be ", "Value error, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    return msg
+
+
+def _model_keys(loc, raw):
+    """Field names of the model at ``loc`` below Experiment."""
+    model, node = Experiment, raw
+    for part in loc:
+        if isinstance(part, int):
+            node = node[part] if isinstance(node, list) else None
+            continue
+        if model is None:
+            return []
+        if part not in model.model_fields:
+            continue  # a union tag
+        node = node.get(part) if isinstance(node, dict) else None
+        model = _submodel(model.model_fields[part].annotation, node)
+    return sorted(model.model_fields) if model else []
+
+
+def _submodel(annotation, node):
+    found = []
+
+    def collect(t):
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            found.append(t)
+        for a in get_args(t):
+            collect(a)
+
+    collect(annotation)
+    if len(found) > 1 and isinstance(node, dict):
+        for m in found:
+            tag = m.model_fields.get("source")
+            if tag is not None and node.get("source") in get_args(tag.annotation):
+                return m
+    return found[0] if found else None
+
+
+def _short(value, limit=60):
+    text = "nothing" if value is None else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _dedupe(errors):
+    seen, out = set(), []
+    for e in errors:
+        key = (e.line, e.path, e.found, e.allowed)
+        if key not in seen:
+            seen.add(key)
+            out.append(e)
+    return out
+
+
+# ------------------------------------------------------------------ planning
+
+def plan(spec, out_dir="results", names=None, kinds=None):
+    """Expand a spec into its runs, in file order.
+
+    Parameters
+    ----------
+    spec : Spec
+    out_dir : str or Path
+        Result files go to ``out_dir/<experiment>/<run_id>.h5``.
+    names : iterable of str, optional
+        Only these experiments; an unknown name raises SpecErrors.
+    kinds : iterable of str, optional
+        Only experiments of these kinds.
+
+    Returns
+    -------
+    list of Run
+    """
+    all_names = [m.get("name") for _, m in spec.experiments]
+    if names:
+        unknown = [n for n in names if n not in all_names]
+        if unknown:
+            raise SpecErrors([SpecError(spec.file, None, "-e", ", ".join(map(repr, unknown)),
+                                        "experiment names: " + ", ".join(all_names))])
+    runs = []
+    for _, merged in spec.experiments:
+        if names and merged["name"] not in names:
+            continue
+        if kinds and merged.get("kind") not in kinds:
+            continue
+        runs += _expand(spec, merged, Path(out_dir))
+    return runs
+
+
+def _expand(spec, merged, out_dir):
+    runs = []
+    ids = set()
+    for point in _sweep_points(merged.get("sweep") or {}):
+        config = Experiment.model_validate(_apply_point(merged, point))
+        resolved = config.model_dump(mode="json", exclude={"sweep"})
+        run_id = run_id_for(point)
+        if run_id in ids:
+            run_id = run_id + "-" + _digest(point)[:8]
+        ids.add(run_id)
+        runs.append(Run(
+            experiment=config.name, kind=config.kind, run_id=run_id, point=point,
+            config=config, seed=config.seed, run_key=run_key(config.name, point),
+            path=out_dir / config.name / f"{run_id}.h5",
+            spec_hash=spec_hash(resolved, Path(spec.file).parent),
+            spec_text=yaml.safe_dump(resolved, sort_keys=False),
+            source_text=spec.text, spec_file=spec.file,
+        ))
+    return runs
+
+
+def _canonical(obj):
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _digest(obj):
+    return hashlib.sha256(_canonical(obj).encode()).hexdigest()
+
+
+def run_key(name, point):
+    """Stable integer for an experiment's sweep point, ignoring its seed."""
+    rest = {k: v for k, v in point.items() if k != "seed"}
+    return int(_digest([name, rest])[:16], 16)
+
+
+def _fmt(value):
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "-".join(_fmt(v) for v in value)
+    return str(value)
+
+
+def run_id_for(point):
+    """Readable run id from a sweep point, e.g. ``data.radius=0.05_seed=1``.
+
+    Depends only on the point itself, so adding sweep values leaves every
+    other run's id unchanged. Overlong ids become a hash.
+    """
+    if not point:
+        return "run"
+    text = "_".join(f"{k}={_fmt(v)}" for k, v in point.items())
+    text = re.sub(r"[^A-Za-z0-9._=+-]", "_", text)
+    return text if len(text) <= RUN_ID_MAX else "h" + _digest(point)[:16]
+
+
+def spec_hash(resolved, base_dir):
+    """Hash of a run's resolved config (and of its data file's bytes)."""
+    payload = {"schema": SCHEMA_VERSION,
+               "config": {k: v for k, v in resolved.items() if k != "description"}}
+    data = resolved.get("data", {})
+    if data.get("source") == "file":
+        p = Path(data["path"])
+        p = p if p.is_absolute() else base_dir / p
+        payload["data_file"] = _file_digest(p)
+    return _digest(payload)[:32]
+
+
+def _file_digest(path):
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return "missing"
