@@ -53,10 +53,10 @@ def class_stats(X, labels, Q=None):
     if np.any(sizes == 0):
         empty = np.flatnonzero(sizes == 0).tolist()
         raise ValueError(f"classes {empty} have no points; every class needs at least one")
-    means = np.zeros((Q, X.shape[1]))
-    np.add.at(means, labels, X)
+    means = np.stack([np.bincount(labels, weights=col, minlength=Q) for col in X.T], axis=1)
     means /= sizes[:, None]
-    delta = float(np.sqrt(((X - means[labels]) ** 2).sum(axis=1).max()))
+    dev = X - means[labels]
+    delta = float(np.sqrt(np.einsum("ij,ij->i", dev, dev).max()))
     return ClassStats(means, sizes, means.mean(axis=0), delta)
 
 
@@ -168,7 +168,7 @@ def fit_output(Z, labels, Y, intercept=False):
         design = np.hstack([design, sw[:, None]])
     sol, _, rank, sv = np.linalg.lstsq(design, Y[labels] * sw[:, None], rcond=None)
     cond = float(sv[0] / sv[rank - 1]) if rank else np.inf
-    if rank < min(Y.shape[0], design.shape[1]):
+    if rank < Y.shape[0]:
         kind = "affinely" if intercept else "linearly"
         raise ValueError(
             f"output layer cannot separate the classes: the last hidden "
@@ -434,7 +434,8 @@ def build_clustered(X, labels, Y, *, mu_factor=MU_FACTOR, theta0=THETA0,
     for step, j in enumerate(order[:n_cone]):
         p = stats.means[j] + mu_factor * cond.radius * cond.f[j]
         W, b = tr.cone_layer(p, cond.f[j], cond.theta_star)
-        ok, m_col, m_keep = tr.certify(W, b, X_cur, labels == j, margin)
+        Z = X_cur @ W.T + b
+        ok, m_col, m_keep = tr.certify_z(Z, labels == j, margin)
         earlier = apexes[order[:step]]
         if step:
             m_keep = min(m_keep, float((earlier @ W.T + b).min()))
@@ -442,7 +443,7 @@ def build_clustered(X, labels, Y, *, mu_factor=MU_FACTOR, theta0=THETA0,
         if not ok:
             failures.append(_certificate_failure(step, j, m_col, m_keep, margin))
         margins.append((m_col, m_keep))
-        X_cur = tr.truncate(W, b, X_cur)
+        X_cur = tr.truncate_z(W, b, Z)
         truncated.append(X_cur[rows])
         apexes[j] = p
         cumulative.append((W, b))
@@ -451,8 +452,10 @@ def build_clustered(X, labels, Y, *, mu_factor=MU_FACTOR, theta0=THETA0,
 
     try:
         fit = fit_output(X_cur, labels, Y, intercept)
-    except ValueError as exc:
-        return Construction("failed", str(exc), cond, apexes=apexes, order=order)
+    except ValueError as exc:  # keep any certificate failure that caused it
+        return Construction("failed", "; ".join(failures + [str(exc)]), cond,
+                            apexes=apexes, order=order, certified=not failures,
+                            margins=np.array(margins).reshape(-1, 2), truncated=truncated)
     cumulative.append((fit.A, fit.c))
     Ws, bs = tr.layers_from_cumulative([w for w, _ in cumulative], [b for _, b in cumulative])
     layers = list(zip(Ws, bs))

@@ -426,6 +426,8 @@ def _locate(spec, i, raw, point, err):
     if isinstance(ctx_err, _FieldProblem):
         path = path + tuple(ctx_err.path.split("."))
         allowed = ctx_err.allowed
+    if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        path = path + ("source",)
     found = _found(raw, path, err)
     dotted = ".".join(str(p) for p in path)
     swept = next((k for k in point if dotted == k or dotted.startswith(k + ".")), None)
@@ -500,7 +502,7 @@ def _allowed(err, raw):
     bounds = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}",
               "less_than": "< {lt}", "less_than_equal": "<= {le}"}
     if typ in bounds:
-        return "a number " + bounds[typ].format(**ctx)
+        return "a number " + bounds[typ].format(**{k: f"{v:g}" for k, v in ctx.items()})
     msg = err["msg"]
     for prefix in ("Input should be ", "Value error, "):
         if msg.startswith(prefix):

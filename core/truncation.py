@@ -55,7 +55,17 @@ def truncate(W, b, X):
     ndarray, shape (n_samples, dim)
         ``W^+ (relu(W x + b) - b)`` for each row ``x``.
     """
-    return (relu(X @ W.T + b) - b) @ pinv_rows(W).T
+    return truncate_z(W, b, X @ W.T + b)
+
+
+def truncate_z(W, b, Z):
+    """:func:`truncate` from precomputed pre-activations ``Z = X W^T + b``.
+
+    ``Z`` (shape (n_samples, m)) is overwritten.
+    """
+    np.maximum(Z, 0.0, out=Z)
+    Z -= b
+    return Z @ pinv_rows(W).T
 
 
 def truncate_beta(W, beta, X):
@@ -276,7 +286,11 @@ def certify(W, b, X, collapse_mask, margin):
     keep_margin : float
         ``min(z)`` over the kept rows (``inf`` when there are none).
     """
-    Z = X @ W.T + b
+    return certify_z(X @ W.T + b, collapse_mask, margin)
+
+
+def certify_z(Z, collapse_mask, margin):
+    """:func:`certify` from precomputed pre-activations ``Z``, shape (n_samples, m)."""
     mask = np.asarray(collapse_mask, dtype=bool)
     collapse_margin = float(-Z[mask].max()) if mask.any() else np.inf
     keep_margin = float(Z[~mask].min()) if (~mask).any() else np.inf
