@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from . import runcmd, showcmd, speccmd
+from . import predictcmd, runcmd, showcmd, speccmd
 from .common import EXIT_INTERRUPTED, err_console
 
 app = typer.Typer(
@@ -26,6 +26,7 @@ app = typer.Typer(
 runcmd.register(app)
 speccmd.register(app)
 showcmd.register(app)
+predictcmd.register(app)
 
 
 def _version(value: bool):

@@ -49,6 +49,11 @@ class Dataset:
     distribution: str | None = None
     source: str = ""
     extra: dict = field(default_factory=dict)
+    targets: np.ndarray | None = None
+
+    def sample_targets(self):
+        """Per-sample targets, shape (n_samples, out_dim): given ones or ``Y[labels]``."""
+        return self.Y[self.labels] if self.targets is None else self.targets
 
     @property
     def n_classes(self):
@@ -184,20 +189,34 @@ def _encode_labels(raw, where):
 
 
 def load_npz(path, targets=None):
-    """Read ``X`` (N, M), ``labels`` (N,) and optional ``Y`` (Q, out_dim) from ``.npz``."""
+    """Read labelled points from ``.npz``.
+
+    Arrays: ``X`` (N, M); ``labels`` (N,) and optional ``Y`` (Q, out_dim), or
+    per-sample ``targets`` (N, out_dim) (then ``labels`` is optional).
+    """
     path = Path(path)
     with np.load(path, allow_pickle=False) as f:
-        missing = [k for k in ("X", "labels") if k not in f.files]
+        names = set(f.files)
+        missing = [k for k in ("X", "labels") if k not in names
+                   and not (k == "labels" and "targets" in names)]
         if missing:
             raise DataError(
-                f"{path}: missing array(s) {', '.join(missing)}; found {', '.join(f.files) or 'none'}; "
-                "expected X (N, M), labels (N,), optional Y (Q, Q)"
+                f"{path}: missing array(s) {', '.join(missing)}; found "
+                f"{', '.join(sorted(names)) or 'none'}; expected X (N, M), labels (N,), "
+                "optional Y (Q, Q) or targets (N, Q)"
             )
         X = np.asarray(f["X"], dtype=float)
-        raw = f["labels"]
-        Y = np.asarray(f["Y"], dtype=float) if "Y" in f.files else None
-        extra = {k: np.asarray(f[k]) for k in f.files if k not in ("X", "labels", "Y")}
-    return _finish_loaded(path, X, raw, Y if targets is None else targets, extra)
+        raw = f["labels"] if "labels" in names else np.zeros(X.shape[0], dtype=int)
+        Y = np.asarray(f["Y"], dtype=float) if "Y" in names else None
+        T = np.asarray(f["targets"], dtype=float) if "targets" in names else None
+        extra = {k: np.asarray(f[k]) for k in names - {"X", "labels", "Y", "targets"}}
+    ds = _finish_loaded(path, X, raw, Y if targets is None else targets, extra)
+    if T is not None:
+        if T.ndim != 2 or T.shape[0] != X.shape[0] or not np.all(np.isfinite(T)):
+            raise DataError(f"{path}: targets must be finite, shape (N, out_dim) with "
+                            f"N = {X.shape[0]}, got shape {T.shape}")
+        ds.targets = T
+    return ds
 
 
 def load_csv(path, targets=None):
@@ -267,3 +286,53 @@ def load_file(path, targets=None):
     if path.suffix == ".csv":
         return load_csv(path, targets)
     raise DataError(f"{path}: unknown data file type {path.suffix!r}; allowed: .npz, .csv")
+
+
+SKLEARN_SETS = ("iris", "wine", "breast_cancer", "digits")
+
+
+def load_sklearn(name, standardize=True, dim=None):
+    """A dataset bundled with scikit-learn (no download), optionally reduced.
+
+    Parameters
+    ----------
+    name : {"iris", "wine", "breast_cancer", "digits"}
+    standardize : bool
+        Centre every feature and scale it to unit variance (constant
+        features are only centred).
+    dim : int, optional
+        Project onto the leading ``dim`` principal components.
+
+    Returns
+    -------
+    Dataset
+        One-hot targets; ``extra["feature_names"]`` when known.
+    """
+    if name not in SKLEARN_SETS:
+        raise DataError(f"unknown scikit-learn dataset {name!r}; allowed: "
+                        + ", ".join(SKLEARN_SETS))
+    try:
+        from sklearn import datasets
+    except ImportError as exc:
+        raise DataError("source: sklearn needs scikit-learn: pip install 'dlmin[sklearn]'") \
+            from exc
+    bunch = getattr(datasets, f"load_{name}")()
+    X = np.asarray(bunch.data, dtype=float)
+    if standardize:
+        X = X - X.mean(axis=0)
+        std = X.std(axis=0)
+        X = X / np.where(std > 0, std, 1.0)
+    if dim is not None:
+        X = pca(X, dim)
+    labels, classes = _encode_labels(bunch.target, name)
+    return Dataset(X, labels, one_hot(classes.size), source=f"sklearn {name}",
+                   extra={"class_values": classes})
+
+
+def pca(X, dim):
+    """Coordinates of the centred rows of ``X`` on the leading ``dim`` principal axes."""
+    if not 1 <= dim <= min(X.shape):
+        raise DataError(f"PCA dimension must be between 1 and {min(X.shape)}, got {dim}")
+    Xc = X - X.mean(axis=0)
+    _, _, Vt = np.linalg.svd(Xc, full_matrices=False)
+    return Xc @ Vt[:dim].T

@@ -29,9 +29,15 @@ def make_dataset(cfg, rng, base_dir="."):
             cfg.classes, cfg.dim, cfg.points, cfg.radius, rng, distribution=cfg.distribution,
             layout=cfg.layout, scale=cfg.scale, separation=cfg.separation, means=cfg.means,
             targets=targets)
-    path = Path(cfg.path)
-    path = path if path.is_absolute() else Path(base_dir) / path
-    ds = data_mod.load_file(path)
+    if cfg.source == "sklearn":
+        ds = data_mod.load_sklearn(cfg.name, cfg.standardize, cfg.dim)
+        if cfg.augment:  # centred data have dependent means; a constant lifts them
+            ds.X = np.hstack([ds.X, np.ones((ds.X.shape[0], 1))])
+        path = f"scikit-learn's {cfg.name}"
+    else:
+        path = Path(cfg.path)
+        path = path if path.is_absolute() else Path(base_dir) / path
+        ds = data_mod.load_file(path)
     if cfg.targets == "onehot":
         ds.Y = data_mod.one_hot(ds.n_classes)
     elif isinstance(cfg.targets, list):

@@ -111,14 +111,84 @@ class FileData(_Strict):
         return self
 
 
-DataSpec = Annotated[Union[ClustersData, FileData], Field(discriminator="source")]
+class SklearnData(_Strict):
+    """A dataset bundled with scikit-learn, standardized, optionally PCA-reduced."""
+
+    source: Literal["sklearn"]
+    name: Literal["iris", "wine", "breast_cancer", "digits"]
+    standardize: bool = True
+    dim: int | None = Field(None, ge=1)
+    augment: bool = False
+    targets: Literal["onehot"] | Matrix = "onehot"
+
+
+DataSpec = Annotated[Union[ClustersData, FileData, SklearnData],
+                     Field(discriminator="source")]
+
+
+class SeedInit(_Strict):
+    """Random initial weights drawn from the run's seed."""
+
+    source: Literal["seed"] = "seed"
+    scheme: Literal["he", "glorot", "gaussian"] = "he"
+    scale: float = Field(1.0, gt=0)
+    bias_scale: float = Field(0.0, ge=0)
+
+
+class FileInit(_Strict):
+    """Initial weights from an ``.npz`` with arrays ``W1, b1, W2, b2, ...``."""
+
+    source: Literal["file"]
+    path: str
+
+
+class ResultInit(_Strict):
+    """Initial weights from the network of a dlmin result file."""
+
+    source: Literal["result"]
+    path: str
+
+
+InitSpec = Annotated[Union[SeedInit, FileInit, ResultInit], Field(discriminator="source")]
 
 
 class NetworkSpec(_Strict):
-    """Architecture: hidden widths (default: one layer of width dim per class)."""
+    """Architecture and initial weights.
+
+    ``hidden`` defaults, for ``construct``, to Q layers of width ``dim``.
+    """
 
     hidden: list[Annotated[int, Field(ge=1)]] | None = None
-    activation: Literal["relu"] = "relu"
+    activation: Literal["relu", "tanh", "softplus"] = "relu"
+    init: InitSpec = SeedInit()
+
+
+class RecordSpec(_Strict):
+    """Where along the orbit a flow is recorded."""
+
+    points: int = Field(101, ge=2)
+    grid: Literal["linear", "log", "t"] = "linear"
+
+
+class FlowSpec(_Strict):
+    """Options of ``dlmin flow`` (reference/flows.md sections 4-8, 10, 12)."""
+
+    kind: Literal["standard", "adapted", "homotopy"] = "standard"
+    alpha: float = Field(0.5, ge=0, le=1)
+    loss: Literal["l2", "ce"] = "l2"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    time: float = Field(10.0, gt=0)
+    solver: Literal["RK45", "DOP853", "LSODA", "BDF", "Radau", "euler"] = "RK45"
+    rtol: float = Field(1e-8, gt=0)
+    atol: float = Field(1e-10, gt=0)
+    step: float | None = Field(None, gt=0)
+    max_step: float | None = Field(None, gt=0)
+    record: RecordSpec = RecordSpec()
+    damping: float = Field(0.0, ge=0)
+    rank_cutoff: float = Field(1e-10, gt=0, lt=1)
+    stop_cost: float | None = Field(None, ge=0)
+    wall_limit: float | None = Field(None, gt=0)
+    store_theta: bool | None = None
 
 
 class ConstructSpec(_Strict):
@@ -150,6 +220,7 @@ class Experiment(_Strict):
     data: DataSpec
     network: NetworkSpec = NetworkSpec()
     construct: ConstructSpec = ConstructSpec()
+    flow: FlowSpec = FlowSpec()
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -157,8 +228,13 @@ class Experiment(_Strict):
         if self.kind not in KINDS:
             later = f" ({', '.join(LATER_KINDS)} are not built yet)" if self.kind in LATER_KINDS else ""
             raise _FieldProblem("kind", self.kind, " | ".join(KINDS) + later)
-        if isinstance(self.data, ClustersData):
-            _check_construct_shapes(self)
+        if self.kind == "construct":
+            _expect(self.network.activation == "relu", "network.activation",
+                    self.network.activation, "relu (the constructions are ReLU networks)")
+            if isinstance(self.data, ClustersData):
+                _check_construct_shapes(self)
+        if self.kind == "flow":
+            _check_flow(self)
         return self
 
 
@@ -172,6 +248,17 @@ def _check_construct_shapes(exp):
     if order is not None:
         _expect(sorted(order) == list(range(Q)), "construct.order", order,
                 f"a permutation of 0..{Q - 1}")
+
+
+def _check_flow(exp):
+    init = exp.network.init
+    if isinstance(init, SeedInit):
+        _expect(exp.network.hidden is not None, "network.hidden", None,
+                "a list of hidden widths (or network.init from a file or result)")
+    flow = exp.flow
+    if flow.solver == "euler":
+        _expect(flow.step is not None, "flow.step", None,
+                "a step size with solver: euler (gradient descent with this learning rate)")
 
 
 class _FieldProblem(ValueError):
@@ -498,7 +585,7 @@ def _allowed(err, raw):
     if typ == "union_tag_invalid":
         return ctx.get("expected_tags", "").replace("'", "")
     if typ == "union_tag_not_found":
-        return "a 'source' key: clusters | file"
+        return "a 'source' key: clusters | file | sklearn"
     bounds = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}",
               "less_than": "< {lt}", "less_than_equal": "<= {le}"}
     if typ in bounds:

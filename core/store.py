@@ -117,6 +117,28 @@ class ResultWriter:
                 ds.attrs[key] = _attr_value(v)
         return ds
 
+    def append(self, group, name, value):
+        """Append one row (a scalar or an array) to a dataset growing along axis 0.
+
+        The dataset is created on the first call, chunked along its first
+        axis, and flushed after every row so a killed run leaves a readable
+        file.
+        """
+        value = np.asarray(value)
+        node = self.file.require_group(group)
+        if name not in node:
+            chunk = (max(1, min(64, 2**20 // max(1, value.nbytes))),) + value.shape
+            node.create_dataset(name, shape=(0,) + value.shape, maxshape=(None,) + value.shape,
+                                dtype=value.dtype if value.dtype.kind != "b" else bool,
+                                chunks=chunk)
+        ds = node[name]
+        ds.resize(ds.shape[0] + 1, axis=0)
+        ds[-1] = value
+        return ds
+
+    def flush(self):
+        self.file.flush()
+
     def finish(self, status="ok", message="", **attrs):
         """Mark the file complete with its final status and move it into place."""
         self.set_attrs(status=status, message=message, complete=True, **attrs)
