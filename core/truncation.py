@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 MATRIX_RTOL = 1e-10  # relative tolerance of the matrix identities (reference section 9)
+ALIGN_NEAR = 1e-4  # below this |h/|h| - u/sqrt(n)|^2 the Householder vector cancels
 
 
 def relu(Z):
@@ -206,6 +207,10 @@ def squeeze_matrix(theta, n):
 def align_reflection(h):
     """Householder reflection ``R`` with ``R h / |h| = u / sqrt(n)``.
 
+    When ``h`` is within about 0.01 rad of ``u`` the reflection across
+    ``h/|h| + u/sqrt(n)``, negated, is used instead: still orthogonal and
+    symmetric, and free of the cancellation in ``h/|h| - u/sqrt(n)``.
+
     Parameters
     ----------
     h : ndarray, shape (n,), nonzero
@@ -219,10 +224,16 @@ def align_reflection(h):
     if norm == 0.0:
         raise ValueError("cannot align the zero vector")
     n = h.size
-    v = h / norm - np.full(n, 1.0 / np.sqrt(n))
+    a, e = h / norm, np.full(n, 1.0 / np.sqrt(n))
+    v = a - e
     vv = v @ v
     if vv < 1e-30:
         return np.eye(n)
+    if vv < ALIGN_NEAR:
+        # a = e up to rounding: |a| - |e| ~ eps spoils I - 2vv^T/|v|^2 by
+        # eps/|v|. Reflecting across w = a + e and negating also maps a to e.
+        w = a + e
+        return 2.0 * np.outer(w, w) / (w @ w) - np.eye(n)
     return np.eye(n) - 2.0 * np.outer(v, v) / vv
 
 
