@@ -29,6 +29,13 @@ def make_dataset(cfg, rng, base_dir="."):
             cfg.classes, cfg.dim, cfg.points, cfg.radius, rng, distribution=cfg.distribution,
             layout=cfg.layout, scale=cfg.scale, separation=cfg.separation, means=cfg.means,
             targets=targets)
+    if cfg.source == "sls":
+        from .sls import make_sls_data
+
+        targets = None if cfg.targets == "onehot" else np.asarray(cfg.targets, dtype=float)
+        return make_sls_data(cfg.classes, cfg.dim, cfg.points, rng, order=cfg.order,
+                             distance=cfg.distance, length=cfg.length, width=cfg.width,
+                             gap=cfg.gap, offset=cfg.offset, targets=targets)
     if cfg.source == "sklearn":
         ds = data_mod.load_sklearn(cfg.name, cfg.standardize, cfg.dim)
         if cfg.augment:  # centred data have dependent means; a constant lifts them
@@ -59,7 +66,14 @@ def execute(run, force=False, progress=None):
     """
     if not force and store.is_done(run.path, run.spec_hash):
         return skipped_summary(run)
-    return RUNNERS[run.kind](run, progress)
+    try:
+        return RUNNERS[run.kind](run, progress)
+    except Exception as exc:  # a bug: report it on this run, let the others go on
+        summary = base_summary(run, "failed")
+        summary["message"] = (f"internal error {type(exc).__name__}: {exc} "
+                              "(please report it with the spec that caused it)")
+        summary["wall_time"] = None
+        return summary
 
 
 def base_summary(run, status="ok", message=""):
@@ -101,34 +115,147 @@ def _write_spec_and_data(w, run, ds):
 # --------------------------------------------------------------- construct
 
 def run_construct(run, progress=None):
-    """Construction A on the run's data; writes the result file."""
+    """Build the run's explicit minimizer (its ``construct.method``); write the file."""
+    from .spec import hidden_problem
+
     cfg, copt = run.config, run.config.construct
     rng = run.rng()
     summary = base_summary(run)
     try:
-        ds = make_dataset(cfg.data, rng, Path(run.spec_file).parent)
+        ds = make_dataset(cfg.data, run.rng("data"), Path(run.spec_file).parent)
     except (data_mod.DataError, OSError) as exc:
         return _fail_without_data(run, summary, str(exc))
     hidden = cfg.network.hidden
     w = _open_writer(run, method=copt.method)
     try:
         _write_spec_and_data(w, run, ds)
-        shape_problem = _hidden_problem(hidden, ds)
-        if shape_problem:
-            return _finish(w, summary, "failed", shape_problem)
-        rows = _kept_rows(ds.X.shape[0], copt.store_limit, rng)
-        result = cons.build_clustered(
-            ds.X, ds.labels, ds.Y, mu_factor=copt.mu_factor, theta0=copt.theta0,
-            radius=_build_radius(copt.radius, ds), order=copt.order,
-            hidden_layers=len(hidden) if hidden else None, strict=copt.strict,
-            intercept=copt.intercept, keep_rows=rows, progress=progress)
-        heldout = _heldout_error(result, ds, copt.heldout, rng)
-        _write_construction(w, result, rows)
-        summary.update(_construct_scalars(result, heldout))
-        return _finish(w, summary, result.status, result.message)
+        problem = hidden_problem(copt.method, copt.reduced_width, hidden, ds.X.shape[1],
+                                 ds.n_classes)
+        if problem:
+            return _finish(w, summary, "failed", f"network.hidden = {hidden}: needs {problem}")
+        build = METHOD_BUILDERS[copt.method]
+        status, message = build(w, summary, ds, copt, hidden, rng, progress)
+        return _finish(w, summary, status, message)
     except BaseException:
         w.abort()
         raise
+
+
+def _build_deep(w, summary, ds, copt, hidden, rng, progress):
+    """Methods ``clustered`` (square or reduced width) and ``sls``."""
+    from . import reduced, sls
+
+    rows = _kept_rows(ds.X.shape[0], copt.store_limit, rng)
+    common = dict(hidden_layers=len(hidden) if hidden else None, intercept=copt.intercept,
+                  keep_rows=rows, progress=progress)
+    if copt.method == "sls":
+        planes = None if copt.planes is None else np.asarray(copt.planes, dtype=float)
+        result = sls.build_sls(ds.X, ds.labels, ds.Y, order=copt.order, planes=planes,
+                               theta_frac=copt.theta_frac, **common)
+    else:
+        build = reduced.build_clustered_reduced if copt.reduced_width else \
+            cons.build_clustered
+        result = build(ds.X, ds.labels, ds.Y, mu_factor=copt.mu_factor, theta0=copt.theta0,
+                       radius=_build_radius(copt.radius, ds), order=copt.order,
+                       strict=copt.strict, **common)
+    heldout = _heldout_error(result, ds, copt.heldout, rng)
+    _write_construction(w, result, rows)
+    summary.update(_construct_scalars(result, heldout, copt.method))
+    if copt.method == "sls":
+        summary.update(_write_sls(w, result))
+    if copt.reduced_width and result.layers:
+        summary["weights"] = cons.weight_count(result.layers)
+        summary["widths"] = [int(W.shape[1]) for W, _ in result.layers] + \
+            [int(result.layers[-1][0].shape[0])]
+    return result.status, result.message
+
+
+def _write_sls(w, result):
+    search = result.search
+    order = [int(j) for j in result.order] if result.order is not None else None
+    extra = {"order": order, "hyperplanes": None}
+    if search is not None and not search.found:
+        w.set_attrs("sls", found=False, message=search.message)
+        return extra
+    if result.planes:
+        H = np.array([np.append(p.normal, p.offset) for p in result.planes])
+        w.array("sls", "hyperplanes", H, columns="unit normal h_j, offset c_j")
+        w.array("sls", "description", result.description,
+                columns="theta_j, h_j (dim numbers), t_j")
+        w.array("sls", "theta", result.theta)
+        w.array("sls", "theta_min", result.theta_min)
+        w.array("sls", "t", np.array([p.t for p in result.planes]))
+        w.set_attrs("sls", found=True, cond=result.cond, cost_tol=result.cost_tol)
+        extra["hyperplanes"] = H.tolist()
+    return extra
+
+
+def _build_shallow(w, summary, ds, copt, hidden, rng, progress):
+    """Method ``shallow``: one hidden layer, the O(delta_P) bound and exact LS values."""
+    from . import shallow
+
+    result = shallow.build_shallow(ds.X, ds.labels, ds.Y)
+    if result.layers:
+        store.store_layers(w, "network", result.layers)
+        w.set_attrs("network", activation="relu", hidden_layers=1,
+                    weights=cons.weight_count(result.layers))
+    values = {k: _finite_or_none(v) for k, v in result.as_dict().items()}
+    w.set_attrs("metrics", **values, **result.costs, identity_regime=result.identity_regime,
+                beta=result.beta, max_output_error=result.max_output_error,
+                gap_within_bound=bool(result.gap.within) if result.gap else None)
+    heldout = _heldout_error(result, ds, copt.heldout, rng)
+    summary.update(values)
+    summary.update({
+        "cost_kind": "C_N", "cost_spread": result.costs.get("C_N_spread"),
+        "cost_mismatch": result.costs.get("C_N_mismatch"),
+        "certified": bool(result.identity_regime),
+        "max_output_error": _finite_or_none(result.max_output_error),
+        "heldout_max_output_error": heldout, "method": "shallow",
+        "gap_within_bound": bool(result.gap.within) if result.gap else None,
+    })
+    return result.status, result.message
+
+
+def _build_family(w, summary, ds, copt, hidden, rng, progress):
+    """Method ``collapse-keep``: every collapse/keep pattern and the local-minimum check."""
+    from . import family
+
+    try:
+        fam = family.all_patterns(ds.X, ds.labels, ds.Y, max_classes=copt.max_classes,
+                                  rng=rng, mu_factor=copt.mu_factor, nu_rule=copt.nu_rule)
+    except ValueError as exc:
+        return "failed", str(exc)
+    rows = fam.rows()
+    w.array("patterns", "s", np.array([p.s for p in fam.patterns]))
+    for key in ("cost_no_intercept", "cost_intercept", "trace_own", "trace_raw"):
+        w.array("patterns", key, np.array([r[key] for r in rows], dtype=float))
+    w.array("patterns", "certified", np.array([r["certified"] for r in rows]))
+    w.set_attrs("patterns", rows=rows)
+    best = fam.patterns[0]
+    if best.layers:
+        store.store_layers(w, "network", best.layers)
+        w.set_attrs("network", activation="relu", pattern="0" * ds.n_classes)
+    check = fam.local_min
+    scalars = {
+        "configurations": fam.configurations,
+        "certified": all(p.certified for p in fam.patterns),
+        "cost": _finite_or_none(best.cost_no_intercept), "cost_kind": "C_N",
+        "all_keep_cost_intercept": _finite_or_none(fam.patterns[-1].cost_intercept),
+        "local_min_checked": check is not None,
+        "local_min_passed": bool(check.passed) if check else None,
+        "local_min_min_change": check.min_change if check else None,
+        "method": "collapse-keep",
+    }
+    w.set_attrs("metrics", **{k: v for k, v in scalars.items() if v is not None})
+    summary.update(scalars)
+    failed = [p.row()["pattern"] for p in fam.patterns if p.status != "ok"]
+    if failed:
+        return "failed", f"patterns {', '.join(failed)} failed: {fam.patterns[0].message}"
+    return "ok", ""
+
+
+METHOD_BUILDERS = {"clustered": _build_deep, "sls": _build_deep,
+                   "shallow": _build_shallow, "collapse-keep": _build_family}
 
 
 def _finish(w, summary, status, message):
@@ -144,14 +271,6 @@ def _fail_without_data(run, summary, message):
         w.array("spec", "run", run.spec_text)
         _finish(w, summary, "failed", message)
     return summary
-
-
-def _hidden_problem(hidden, ds):
-    dim = ds.X.shape[1]
-    if hidden and any(h != dim for h in hidden):
-        return (f"network.hidden = {hidden}: Construction A needs every hidden width "
-                f"equal to the input dimension {dim}")
-    return ""
 
 
 def _build_radius(option, ds):
@@ -208,7 +327,7 @@ def _write_construction(w, result, rows):
                 output_cond=result.output_fit.cond)
 
 
-def _construct_scalars(result, heldout):
+def _construct_scalars(result, heldout, method="clustered"):
     cond = result.conditions
     return {
         "cost": result.costs.get("C_N"), "cost_kind": "C_N",
@@ -220,7 +339,7 @@ def _construct_scalars(result, heldout):
         "delta": cond.delta, "radius": cond.radius, "c0": cond.c0,
         "theta_star": _finite_or_none(cond.theta_star),
         "max_theta_j": _finite_or_none(float(np.max(cond.theta_j))),
-        "method": "clustered",
+        "method": method,
     }
 
 
@@ -228,4 +347,123 @@ def _finite_or_none(x):
     return float(x) if x is not None and np.isfinite(x) else None
 
 
-RUNNERS = {"construct": run_construct}
+# -------------------------------------------------------------------- flow
+
+def initial_params(cfg, ds, rng, base_dir):
+    """Initial weights of a flow: drawn from the seed, or read from a file."""
+    from . import network
+    from .predict import load_network
+
+    init = cfg.network.init
+    out_dim = ds.sample_targets().shape[1]
+    if init.source == "seed":
+        widths = [ds.X.shape[1], *cfg.network.hidden, out_dim]
+        return network.init_params(widths, rng=rng, scheme=init.scheme, scale=init.scale,
+                                   bias_scale=init.bias_scale)
+    path = Path(init.path)
+    path = path if path.is_absolute() else Path(base_dir) / path
+    if not path.exists():
+        raise RunFailure(f"network.init.path: {path}: no such file")
+    params = network.load_npz(path) if init.source == "file" else load_network(path).layers
+    widths = network.widths_of(params)
+    if widths[0] != ds.X.shape[1] or widths[-1] != out_dim:
+        raise RunFailure(
+            f"network.init.path: {path} maps R^{widths[0]} to R^{widths[-1]}, but the data "
+            f"have {ds.X.shape[1]} inputs and {out_dim} targets per sample")
+    return [(np.array(W, dtype=float), np.array(b, dtype=float)) for W, b in params]
+
+
+def flow_targets(cfg, ds):
+    """Per-sample targets; label smoothing ``(1 - e) y + e / Q`` for cross-entropy."""
+    Y = ds.sample_targets()
+    eps = cfg.flow.label_smoothing
+    if eps:
+        Y = (1.0 - eps) * Y + eps / Y.shape[1]
+    if cfg.flow.loss == "ce" and not np.all(Y > 0):
+        raise RunFailure(
+            "flow.loss: ce needs strictly positive label vectors (one-hot labels have no "
+            "finite minimizer); set flow.label_smoothing (e.g. 0.1) or give positive "
+            "data.targets")
+    return Y
+
+
+def flow_options(fcfg):
+    from .flows import FlowOptions
+
+    return FlowOptions(
+        kind=fcfg.kind, alpha=fcfg.alpha, loss=fcfg.loss, time=fcfg.time, solver=fcfg.solver,
+        rtol=fcfg.rtol, atol=fcfg.atol, step=fcfg.step,
+        max_step=np.inf if fcfg.max_step is None else fcfg.max_step,
+        record=fcfg.record.points, grid=fcfg.record.grid, damping=fcfg.damping,
+        rank_cutoff=fcfg.rank_cutoff, stop_cost=fcfg.stop_cost, wall_limit=fcfg.wall_limit,
+        store_theta=fcfg.store_theta, route=fcfg.route, spectrum=fcfg.spectrum)
+
+
+def run_flow(run, progress=None):
+    """Integrate the run's gradient flow, streaming the orbit into its file."""
+    from . import flows, network
+
+    cfg = run.config
+    summary = base_summary(run)
+    base_dir = Path(run.spec_file).parent
+    try:
+        ds = make_dataset(cfg.data, run.rng("data"), base_dir)
+        Y = flow_targets(cfg, ds)
+        params = initial_params(cfg, ds, run.rng("init"), base_dir)
+        options = flow_options(cfg.flow)
+    except (data_mod.DataError, RunFailure, OSError, ValueError) as exc:
+        return _fail_without_data(run, summary, str(exc))
+    w = _open_writer(run, flow_kind=cfg.flow.kind, loss=cfg.flow.loss)
+    try:
+        _write_spec_and_data(w, run, ds)
+        w.array("data", "targets", Y)
+        store.store_layers(w, "network/initial", params)
+        widths = network.widths_of(params)
+        w.set_attrs("network", activation=cfg.network.activation, widths=widths)
+
+        def on_record(rec):
+            for key, value in rec.items():
+                w.append("trajectory", key, value)
+            w.flush()
+
+        def on_step(s, s_max):
+            if progress is not None:
+                progress(min(s, s_max), s_max)
+
+        try:
+            result = flows.integrate(params, ds.X, Y, options, cfg.network.activation,
+                                     on_record=on_record, progress=on_step)
+        except ValueError as exc:
+            return _finish(w, summary, "failed", str(exc))
+        store.store_layers(w, "network", result.params)
+        summary.update(_flow_scalars(result))
+        w.set_attrs("metrics", **{k: v for k, v in summary.items()
+                                  if k not in base_summary(run)})
+        w.set_attrs("trajectory", cost_kind="flow: |x - y|^2 / (2N)" if cfg.flow.loss == "l2"
+                    else "cross-entropy: -(1/N) sum_n <y_n, log softmax(x_n)>")
+        return _finish(w, summary, result.status, result.message)
+    except KeyboardInterrupt:
+        w.abort(keep=True, status="interrupted",
+                message="interrupted by the user; the trajectory so far is readable")
+        raise
+    except BaseException:
+        w.abort()
+        raise
+
+
+def _flow_scalars(result):
+    return {
+        "cost_initial": result.cost_initial, "cost_final": result.cost_final,
+        "cost": result.cost_final,
+        "cost_kind": "flow" if result.options.loss == "l2" else "cross-entropy",
+        "s_final": result.s_final, "steps": result.steps,
+        "rhs_evaluations": result.rhs_evaluations,
+        "min_ntk_eigenvalue": result.min_ntk_eigenvalue,
+        "exp_rel_error": result.exp_rel_error, "line_rel_error": result.line_rel_error,
+        "stop_reason": result.stop_reason, "K": result.K, "QN": result.QN,
+        "parametrization": result.parametrization, "rank_changes": result.rank_changes,
+        "solver": result.options.solver, "flow_kind": result.options.kind,
+    }
+
+
+RUNNERS = {"construct": run_construct, "flow": run_flow}

@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 SCHEMA_VERSION = 1
 RUN_ID_MAX = 120  # longer readable run ids are replaced by a hash
-KINDS = ("construct",)
-LATER_KINDS = ("flow", "trap", "collapse")
+KINDS = ("construct", "flow")
+LATER_KINDS = ("trap", "collapse")
 
 
 # ------------------------------------------------------------------ errors
@@ -122,7 +122,7 @@ class SklearnData(_Strict):
     targets: Literal["onehot"] | Matrix = "onehot"
 
 
-DataSpec = Annotated[Union[ClustersData, FileData, SklearnData],
+DataSpec = Annotated[Union[ClustersData, FileData, SklearnData, "SlsData"],
                      Field(discriminator="source")]
 
 
@@ -162,6 +162,14 @@ class NetworkSpec(_Strict):
     activation: Literal["relu", "tanh", "softplus"] = "relu"
     init: InitSpec = SeedInit()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_is_the_default_source(cls, raw):
+        if isinstance(raw, dict) and isinstance(raw.get("init"), dict) \
+                and "source" not in raw["init"]:
+            raw = dict(raw, init=dict(raw["init"], source="seed"))
+        return raw
+
 
 class RecordSpec(_Strict):
     """Where along the orbit a flow is recorded."""
@@ -177,8 +185,8 @@ class FlowSpec(_Strict):
     alpha: float = Field(0.5, ge=0, le=1)
     loss: Literal["l2", "ce"] = "l2"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    time: float = Field(10.0, gt=0)
-    solver: Literal["RK45", "DOP853", "LSODA", "BDF", "Radau", "euler"] = "RK45"
+    time: float | None = Field(None, gt=0)
+    solver: Literal["auto", "RK45", "DOP853", "LSODA", "BDF", "Radau", "euler"] = "auto"
     rtol: float = Field(1e-8, gt=0)
     atol: float = Field(1e-10, gt=0)
     step: float | None = Field(None, gt=0)
@@ -189,12 +197,50 @@ class FlowSpec(_Strict):
     stop_cost: float | None = Field(None, ge=0)
     wall_limit: float | None = Field(None, gt=0)
     store_theta: bool | None = None
+    spectrum: bool = True
+    route: Literal["kernel", "jacobian"] = "kernel"
+
+
+class SlsData(_Strict):
+    """Sequentially linearly separable data that Construction A cannot handle."""
+
+    source: Literal["sls"]
+    classes: int = Field(ge=2)
+    dim: int = Field(ge=2)
+    points: int | list[int]
+    order: list[int] | None = None
+    distance: float = Field(1.0, gt=0)
+    length: float = Field(1.5, gt=0)
+    width: float = Field(1.2, gt=0)
+    gap: float = Field(0.15, gt=0)
+    offset: float = Field(1.0, gt=0)
+    targets: Literal["onehot"] | Matrix = "onehot"
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        Q = self.classes
+        _expect(Q <= self.dim, "dim", self.dim, f"at least classes = {Q}")
+        if isinstance(self.points, list):
+            _expect(len(self.points) == Q, "points", self.points, f"{Q} class sizes")
+        if self.order is not None:
+            _expect(sorted(self.order) == list(range(Q)), "order", self.order,
+                    f"a permutation of 0..{Q - 1}")
+        _check_targets(self.targets, Q)
+        return self
+
+
+METHODS = ("clustered", "sls", "shallow", "collapse-keep")
 
 
 class ConstructSpec(_Strict):
-    """Options of ``dlmin construct`` (reference/construct.md section 4)."""
+    """Options of ``dlmin construct`` (reference/construct.md sections 4-8)."""
 
-    method: Literal["clustered"] = "clustered"
+    method: Literal["clustered", "sls", "shallow", "collapse-keep"] = "clustered"
+    reduced_width: bool = False
+    planes: Matrix | None = None
+    theta_frac: float = Field(0.5, gt=0, lt=1)
+    max_classes: int = Field(10, ge=1)
+    nu_rule: Literal["sin", "sqrt"] = "sin"
     mu_factor: float = Field(2.5, gt=2, lt=3)
     theta0: float = Field(0.05, gt=0, lt=math.pi)
     radius: Literal["auto", "data"] | Annotated[float, Field(ge=0)] = "auto"
@@ -231,7 +277,7 @@ class Experiment(_Strict):
         if self.kind == "construct":
             _expect(self.network.activation == "relu", "network.activation",
                     self.network.activation, "relu (the constructions are ReLU networks)")
-            if isinstance(self.data, ClustersData):
+            if isinstance(self.data, (ClustersData, SlsData)):
                 _check_construct_shapes(self)
         if self.kind == "flow":
             _check_flow(self)
@@ -240,14 +286,38 @@ class Experiment(_Strict):
 
 def _check_construct_shapes(exp):
     d, Q = exp.data.dim, exp.data.classes
-    hidden = exp.network.hidden
-    if hidden is not None:
-        _expect(all(w == d for w in hidden), "network.hidden", hidden,
-                f"widths equal to data.dim = {d} (Construction A uses square layers)")
-    order = exp.construct.order
+    hidden, opt = exp.network.hidden, exp.construct
+    problem = hidden_problem(opt.method, opt.reduced_width, hidden, d, Q)
+    if problem:
+        _expect(False, "network.hidden", hidden, problem)
+    order = opt.order
     if order is not None:
         _expect(sorted(order) == list(range(Q)), "construct.order", order,
                 f"a permutation of 0..{Q - 1}")
+    if opt.planes is not None:
+        _expect(order is not None and len(opt.planes) == Q
+                and all(len(r) == d + 1 for r in opt.planes), "construct.planes",
+                opt.planes, f"{Q} rows (h_j, c_j) of {d + 1} numbers, with construct.order")
+    if opt.reduced_width:
+        _expect(opt.method == "clustered", "construct.reduced_width", True,
+                "true only with method: clustered (reduced widths are not covered for "
+                f"method {opt.method})")
+
+
+def hidden_problem(method, reduced, hidden, dim, Q):
+    """What is wrong with ``network.hidden`` for a construction method, or ''."""
+    if hidden is None:
+        return ""
+    if method == "shallow":
+        return "" if hidden == [dim] else f"one hidden layer of width data.dim = {dim}"
+    if method == "collapse-keep":
+        ok = len(hidden) == Q and all(w == dim for w in hidden)
+        return "" if ok else f"{Q} hidden layers of width {dim} (one per class)"
+    width = Q if reduced else dim
+    if all(w == width for w in hidden):
+        return ""
+    what = "the number of classes" if reduced else "data.dim"
+    return f"widths equal to {what} = {width} ({'reduced' if reduced else 'square'} layers)"
 
 
 def _check_flow(exp):
@@ -375,10 +445,27 @@ class Run:
     source_text: str = ""
     spec_file: str = ""
 
-    def rng(self):
+    def rng(self, purpose="run"):
+        """Random stream of this run for one purpose.
+
+        ``"data"`` is keyed by the data block alone and ``"init"`` by the
+        data and network blocks, so runs that differ only in other keys
+        (``flow.kind``, ``construct.theta0``, ...) share their data and initial
+        weights; ``"run"`` (held-out points, subsamples) is keyed by the
+        experiment name and the sweep point. All include the seed.
+        """
         import numpy as np
 
-        return np.random.default_rng([self.run_key, self.seed])
+        if purpose == "run":
+            key = self.run_key
+        elif purpose == "data":
+            key = content_key("data", self.config.data.model_dump(mode="json"))
+        elif purpose == "init":
+            key = content_key("init", self.config.data.model_dump(mode="json"),
+                              self.config.network.model_dump(mode="json"))
+        else:
+            raise ValueError(f"purpose must be run, data or init, got {purpose!r}")
+        return np.random.default_rng([key, self.seed])
 
 
 @dataclass
@@ -585,7 +672,8 @@ def _allowed(err, raw):
     if typ == "union_tag_invalid":
         return ctx.get("expected_tags", "").replace("'", "")
     if typ == "union_tag_not_found":
-        return "a 'source' key: clusters | file | sklearn"
+        tags = {"data": "clusters | file | sklearn | sls", "init": "seed | file | result"}
+        return "a 'source' key: " + tags.get(str(err["loc"][-1]), "see the README")
     bounds = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}",
               "less_than": "< {lt}", "less_than_equal": "<= {le}"}
     if typ in bounds:
@@ -714,6 +802,11 @@ def run_key(name, point):
     """Stable integer for an experiment's sweep point, ignoring its seed."""
     rest = {k: v for k, v in point.items() if k != "seed"}
     return int(_digest([name, rest])[:16], 16)
+
+
+def content_key(*parts):
+    """Stable integer from JSON-able content (seeds the shared random streams)."""
+    return int(_digest(list(parts))[:16], 16)
 
 
 def _fmt(value):
