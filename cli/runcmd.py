@@ -61,3 +61,9 @@ def register(app):
                   quiet: bool = QuietOpt):
         """Build explicit zero-loss ReLU minimizers (kind: construct) and certify them."""
         run_kind("construct", spec, names, out, force, as_json, quiet)
+
+    @app.command()
+    def flow(spec: Path = SpecArg, names: Optional[List[str]] = NamesOpt, out: Path = OutOpt,
+             force: bool = ForceOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt):
+        """Integrate standard, adapted and homotopy gradient flows (kind: flow)."""
+        run_kind("flow", spec, names, out, force, as_json, quiet)

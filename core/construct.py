@@ -414,7 +414,7 @@ def build_clustered(X, labels, Y, *, mu_factor=MU_FACTOR, theta0=THETA0,
     """
     X = np.asarray(X, dtype=float)
     Q = Y.shape[0]
-    _check_build_args(X, labels, Y, mu_factor, order, hidden_layers)
+    check_build_args(X, labels, Y, mu_factor, order, hidden_layers)
     cond = clustered_conditions(X, labels, radius, theta0, Q)
     hard = cond.rank < Q or not np.isfinite(cond.theta_j).all() or cond.theta_star >= np.pi
     if cond.failures and (strict or hard):
@@ -441,7 +441,7 @@ def build_clustered(X, labels, Y, *, mu_factor=MU_FACTOR, theta0=THETA0,
             m_keep = min(m_keep, float((earlier @ W.T + b).min()))
             ok = ok and m_keep >= margin
         if not ok:
-            failures.append(_certificate_failure(step, j, m_col, m_keep, margin))
+            failures.append(certificate_failure(step, j, m_col, m_keep, margin))
         margins.append((m_col, m_keep))
         X_cur = tr.truncate_z(W, b, Z)
         truncated.append(X_cur[rows])
@@ -459,7 +459,7 @@ def build_clustered(X, labels, Y, *, mu_factor=MU_FACTOR, theta0=THETA0,
     cumulative.append((fit.A, fit.c))
     Ws, bs = tr.layers_from_cumulative([w for w, _ in cumulative], [b for _, b in cumulative])
     layers = list(zip(Ws, bs))
-    cumulative, layers = _pad_identity(cumulative, layers, L - n_cone)
+    cumulative, layers = pad_identity(cumulative, layers, L - n_cone)
 
     out = forward_relu(layers, X)
     via_truncation = X_cur @ fit.A.T + fit.c
@@ -487,7 +487,7 @@ def build_clustered(X, labels, Y, *, mu_factor=MU_FACTOR, theta0=THETA0,
     )
 
 
-def _check_build_args(X, labels, Y, mu_factor, order, hidden_layers):
+def check_build_args(X, labels, Y, mu_factor, order, hidden_layers):
     Q = Y.shape[0]
     if X.ndim != 2 or labels.shape != (X.shape[0],):
         raise ValueError(f"expected X (N, M) and labels (N,), got {X.shape} and {labels.shape}")
@@ -499,14 +499,14 @@ def _check_build_args(X, labels, Y, mu_factor, order, hidden_layers):
         raise ValueError(f"hidden_layers must be at least 1, got {hidden_layers}")
 
 
-def _certificate_failure(step, j, m_col, m_keep, margin):
+def certificate_failure(step, j, m_col, m_keep, margin):
     return (
         f"certificate fails at layer {step + 1} (class {j}): collapse margin "
         f"{m_col:.3g}, keep margin {m_keep:.3g}, both must be >= {margin:.3g}"
     )
 
 
-def _pad_identity(cumulative, layers, extra):
+def pad_identity(cumulative, layers, extra):
     """Insert ``extra`` identity layers before the output layer."""
     if extra <= 0:
         return cumulative, layers

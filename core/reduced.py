@@ -65,7 +65,7 @@ def build_clustered_reduced(X, labels, Y, *, mu_factor=cs.MU_FACTOR, theta0=cs.T
     labels = np.asarray(labels).astype(int)
     Y = np.asarray(Y, dtype=float)
     Q = Y.shape[0]
-    cs._check_build_args(X, labels, Y, mu_factor, order, hidden_layers)
+    cs.check_build_args(X, labels, Y, mu_factor, order, hidden_layers)
     cond = cs.clustered_conditions(X, labels, radius, theta0, Q)
     hard = (cond.rank < Q or not np.isfinite(cond.theta_j).all()
             or cond.theta_star >= np.pi)
@@ -94,7 +94,7 @@ def build_clustered_reduced(X, labels, Y, *, mu_factor=cs.MU_FACTOR, theta0=cs.T
                                        check_nested=True)
     layers = list(zip(Ws, bs))
     round_trip = _round_trip_error(layers, Wc)
-    cumulative, layers = cs._pad_identity(cumulative, layers, L - n_cone)
+    cumulative, layers = cs.pad_identity(cumulative, layers, L - n_cone)
 
     out = cs.forward_relu(layers, X)
     notes = failures or list(cond.failures)
@@ -142,7 +142,7 @@ def _cone_layers(X, labels, order, stats, cond, U, mu_factor, rows, progress):
             m_keep = min(m_keep, float((apexes[order[:step]] @ W.T + b).min()))
             ok = ok and m_keep >= margin
         if not ok:
-            failures.append(cs._certificate_failure(step, j, m_col, m_keep, margin))
+            failures.append(cs.certificate_failure(step, j, m_col, m_keep, margin))
         margins.append((m_col, m_keep))
         X_cur = tr.truncate_z(W, b, Z)
         truncated.append(X_cur[rows])

@@ -759,7 +759,7 @@ def _build(X, labels, Y, planes, cond, search, theta_frac, hidden_layers,
     cumulative.append((fit.A, fit.c))
     Ws, bs = tr.layers_from_cumulative([w for w, _ in cumulative],
                                        [b for _, b in cumulative])
-    cumulative, net = cs._pad_identity(cumulative, list(zip(Ws, bs)), L - n_cone)
+    cumulative, net = cs.pad_identity(cumulative, list(zip(Ws, bs)), L - n_cone)
     out = cs.forward_relu(net, X)
     lams = np.array([tr.squeeze_factor(th, X.shape[1]) for th in thetas[:, 1]])
     kappa = max(1.0 / lams.min(), fit.cond)
@@ -821,7 +821,7 @@ def _cone_layers(X, labels, planes, theta_frac, rows, progress):
             ok = ok and m_keep >= margin
         if not ok:
             failures.append(
-                cs._certificate_failure(step, pl.cls, m_col, m_keep, margin))
+                cs.certificate_failure(step, pl.cls, m_col, m_keep, margin))
         margins.append((m_col, m_keep))
         X_cur = tr.truncate_z(W, b, Z)
         truncated.append(X_cur[rows])

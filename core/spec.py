@@ -193,7 +193,7 @@ class FlowSpec(_Strict):
     max_step: float | None = Field(None, gt=0)
     record: RecordSpec = RecordSpec()
     damping: float = Field(0.0, ge=0)
-    rank_cutoff: float = Field(1e-10, gt=0, lt=1)
+    rank_cutoff: float = Field(1e-12, gt=0, lt=0.1)
     stop_cost: float | None = Field(None, ge=0)
     wall_limit: float | None = Field(None, gt=0)
     store_theta: bool | None = None
