@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from . import predictcmd, runcmd, showcmd, speccmd
+from . import gathercmd, predictcmd, runcmd, showcmd, speccmd
 from .common import EXIT_INTERRUPTED, err_console
 
 app = typer.Typer(
@@ -27,6 +27,7 @@ runcmd.register(app)
 speccmd.register(app)
 showcmd.register(app)
 predictcmd.register(app)
+gathercmd.register(app)
 
 
 def _version(value: bool):

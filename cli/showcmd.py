@@ -56,11 +56,15 @@ def summarize(path):
 
 def register(app):
     @app.command()
-    def show(path: Path = typer.Argument(..., help="A result file (.h5 or .h5.partial)."),
+    def show(path: Path = typer.Argument(..., help="A result file (.h5 or .h5.partial), "
+                                                   "or a folder of them."),
              as_json: bool = JsonOpt):
         """Print a readable summary of a result file."""
         if not path.exists():
             fail_usage(f"{path}: no such file")
+        if path.is_dir():
+            _show_folder(path, as_json)
+            return
         try:
             info = summarize(path)
         except OSError as exc:
@@ -97,3 +101,28 @@ def _print(info):
     for row in info["datasets"]:
         table.add_row(*row)
     console.print(table)
+
+
+def _show_folder(folder, as_json):
+    from collections import Counter
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from dlmin.core.gather import gather
+
+    rows, _ = gather(folder)
+    if as_json:
+        for row in rows:
+            print(json.dumps(json_safe(row)))
+        return
+    table = Table("experiment", "run", "kind", "status", "cost", box=None, padding=(0, 2))
+    for row in rows:
+        cost = row.get("cost")
+        table.add_row(str(row["experiment"]), str(row["run_id"]), str(row["kind"]),
+                      str(row["status"]), "-" if cost is None else f"{cost:.3e}")
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(table)
+    counts = Counter(row["status"] for row in rows)
+    console.print(f"{len(rows)} runs in {folder}: "
+                  + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))

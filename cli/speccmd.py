@@ -10,7 +10,8 @@ from typing import List, Optional
 import typer
 
 from .common import load_and_plan
-from .runcmd import JsonOpt, NamesOpt, OutOpt, SpecArg
+from .common import fail_usage
+from .runcmd import JsonOpt, NamesOpt, OutOpt, ShardOpt, SpecArg
 
 
 def register(app):
@@ -27,11 +28,16 @@ def register(app):
 
     @app.command()
     def plan(spec: Path = SpecArg, names: Optional[List[str]] = NamesOpt,
-             out: Path = OutOpt, as_json: bool = JsonOpt):
+             out: Path = OutOpt, as_json: bool = JsonOpt, shard: Optional[str] = ShardOpt):
         """List the runs a spec expands to, with run ids and output files."""
+        from dlmin.core.executors import parse_shard, select_shard
         from dlmin.core.store import is_done
 
         _, runs = load_and_plan(spec, out, names)
+        try:
+            runs = select_shard(runs, parse_shard(shard) if shard else None)
+        except ValueError as exc:
+            fail_usage(str(exc))
         for run in runs:
             done = is_done(run.path, run.spec_hash)
             if as_json:
