@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 # The radius sweep fails some runs on purpose (exit 1); only usage errors stop.
 demo: $(STAMP)
 	$(BIN)/dlmin run experiments.yaml -o results; test $$? -le 1
+	for d in results/*/; do $(BIN)/dlmin plot "$$d" --what all > /dev/null || exit 1; done
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from . import gathercmd, predictcmd, runcmd, showcmd, speccmd
+from . import gathercmd, plotcmd, predictcmd, runcmd, showcmd, speccmd
 from .common import EXIT_INTERRUPTED, err_console
 
 app = typer.Typer(
@@ -28,6 +28,7 @@ speccmd.register(app)
 showcmd.register(app)
 predictcmd.register(app)
 gathercmd.register(app)
+plotcmd.register(app)
 
 
 def _version(value: bool):

@@ -1,0 +1,282 @@
+"""`dlmin plot`: PNG figures of a result file or a sweep folder.
+
+The pictures themselves live in :mod:`dlmin.cli.figures`; this module finds
+the files, picks the figure, loads what it needs, renders it with the Agg
+backend under a fixed style and writes a PNG whose bytes depend only on the
+result (no timestamp or software version in its metadata). Matplotlib is
+imported inside the command only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import err_console, fail_usage as _fail_usage
+
+DPI = 100  # fixed: the pixel size of every figure is its size in inches times this
+BLAS_THREADS = 1  # the figures' matrices are tiny: more threads only add start-up time
+SKIP_DATASETS = ("trajectory/theta",)  # parameter orbits: large, and never drawn
+PARTIAL = ".partial"
+
+PathArg = typer.Argument(..., help="A result file (.h5 or .h5.partial) or a folder of "
+                                   "result files (a sweep).", show_default=False)
+OutOpt = typer.Option(None, "--out", "-o",
+                      help="PNG to write (with --what all: a folder). Default: next to "
+                           "the input, FILE-<what>.png, or FOLDER/<what>.png.")
+WhatOpt = typer.Option(
+    None, "--what", "-w",
+    help="Figure to draw, or 'all' for every figure that applies. Files: layers, "
+         "patterns, data (construct); flow, cost, outputs, ntk (flow); trap, bound "
+         "(trap); collapse, effective (collapse). Folders: sweep, and flow, cost, "
+         "outputs, ntk with one curve per run. Default: the first that applies.")
+XOpt = typer.Option(None, "--x",
+                    help="Sweep figure: horizontal axis, a swept parameter (default "
+                         "the first) or a summary scalar.")
+YOpt = typer.Option(None, "--y",
+                    help="Sweep figure: summary scalar on the vertical axis (default "
+                         "cost).")
+
+
+@dataclass
+class Entry:
+    """One result file: its path, root attributes and the paths of its groups."""
+
+    path: Path
+    attrs: dict
+    groups: set = field(default_factory=set)
+
+
+@dataclass
+class Source:
+    """What was asked to plot: one file, or the result files of one folder."""
+
+    path: Path
+    entries: list
+
+    @property
+    def is_folder(self):
+        return self.path.is_dir()
+
+    @property
+    def several(self):
+        return len(self.entries) > 1
+
+
+def register(app):
+    @app.command()
+    def plot(path: Path = PathArg, out: Optional[Path] = OutOpt,
+             what: Optional[str] = WhatOpt, x: Optional[str] = XOpt,
+             y: Optional[str] = YOpt):
+        """Draw PNG figures of a result file or a sweep folder; print their paths."""
+        from . import figures
+
+        source = open_source(path)
+        names = choose(figures.FIGURES, source, what, x, y)
+        targets = output_paths(source, names, out, many=what == "all")
+        written = 0
+        for name, target in zip(names, targets):
+            kind = figures.FIGURES[name]
+            options = {"x": x, "y": y} if name == "sweep" else {}
+            try:
+                render(kind, load_for(kind, source), target, options)
+            except figures.PlotError as exc:
+                if what != "all":
+                    fail_usage(f"{path}: nothing to plot for --what {name}: {exc}")
+                err_console.print(f"skipped {name}: {exc}", soft_wrap=True,
+                                  markup=False)
+                continue
+            print(target)
+            written += 1
+        if not written:
+            fail_usage(f"{path}: none of the figures {', '.join(names)} had anything "
+                       "to plot")
+
+
+def fail_usage(message):
+    """Exit 2 with ``message`` on stderr, its brackets shown literally."""
+    from rich.markup import escape
+
+    _fail_usage(escape(message))
+
+
+# ----------------------------------------------------------------- files
+
+def open_source(path):
+    """The file, or the folder's result files, with attributes and group names."""
+    if not path.exists():
+        fail_usage(f"{path}: no such file or folder")
+    if not path.is_dir():
+        return Source(path, [inventory(path)])
+    files = result_files(path)
+    if not files:
+        inner = sorted(p.name for p in path.iterdir() if p.is_dir() and result_files(p))
+        hint = f"; its subfolders with results: {', '.join(inner)}" if inner else ""
+        fail_usage(f"{path}: no result files (*.h5, *.h5.partial) in this folder{hint}")
+    return Source(path, [inventory(p) for p in files])
+
+
+def result_files(folder):
+    """Result files of a folder in name order; a partial file only when no final one."""
+    names = {p.name for p in folder.iterdir() if p.is_file()}
+    return sorted(folder / n for n in names if n.endswith(".h5") or (
+        n.endswith(".h5" + PARTIAL) and n[:-len(PARTIAL)] not in names))
+
+
+def inventory(path):
+    """Root attributes and group paths of one file, reading no arrays."""
+    import h5py
+
+    from dlmin.core.store import _decode
+
+    groups = set()
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: _decode(v) for k, v in f.attrs.items()}
+            f.visititems(lambda name, node: groups.add(name)
+                         if isinstance(node, h5py.Group) else None)
+    except OSError as exc:
+        fail_usage(f"{path}: not a readable HDF5 result file ({exc}); a file still "
+                   "being written may be locked until its run ends")
+    return Entry(path, attrs, groups)
+
+
+def load_for(kind, source):
+    """Results the figure draws: whole files holding its group, or root attributes."""
+    if not kind.needs:
+        return [{"attrs": e.attrs} for e in source.entries]
+    chosen = [e for e in source.entries if kind.needs in e.groups]
+    left = len(source.entries) - len(chosen)
+    if left and source.several:
+        err_console.print(f"note: {left} file(s) without {kind.needs}/ left out",
+                          soft_wrap=True, markup=False)
+    return [load(e.path) for e in chosen]
+
+
+def load(path):
+    """Like :func:`dlmin.core.store.load`, without the datasets in SKIP_DATASETS."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return _read_group(f, h5py)
+
+
+def _read_group(node, h5py):
+    from dlmin.core.store import _decode
+
+    out = {"attrs": {k: _decode(v) for k, v in node.attrs.items()}}
+    for name, child in node.items():
+        if child.name.lstrip("/") in SKIP_DATASETS:
+            continue
+        if isinstance(child, h5py.Group):
+            out[name] = _read_group(child, h5py)
+        elif h5py.check_string_dtype(child.dtype) or child.dtype.kind in "OS":
+            out[name] = child.asstr()[()]
+        else:
+            out[name] = child[()]
+    return out
+
+
+# ------------------------------------------------------------ choosing
+
+def choose(catalog, source, what, x, y):
+    """The figure names to draw; exit 2 naming the valid ones on a bad ``--what``."""
+    fits = [k.name for k in catalog.values() if _fits(k, source)]
+    if what is None:
+        sweep = (x or y) and source.several
+        what = "sweep" if sweep else _default(source, fits)
+    if what == "all":
+        if not fits:
+            fail_usage(f"{source.path}: no figure applies to it")
+        return fits
+    if what not in catalog:
+        fail_usage(f"unknown figure {what!r} for --what; figures: "
+                   f"{', '.join(catalog)}, all. For {source.path}: "
+                   f"{', '.join(fits) or 'none'}")
+    if what not in fits:
+        fail_usage(f"{source.path}: nothing to plot for --what {what}: "
+                   f"{_why_not(catalog[what], source)}. Figures that apply to it: "
+                   f"{', '.join(fits) or 'none'}")
+    if (x or y) and what != "sweep":
+        fail_usage("--x and --y choose the axes of --what sweep only")
+    return [what]
+
+
+def _fits(kind, source):
+    groups = set().union(*(e.groups for e in source.entries))
+    if not kind.applies(groups, source.several):
+        return False
+    return bool(kind.needs) or any(isinstance(e.attrs.get("summary"), dict)
+                                   for e in source.entries)
+
+
+def _default(source, fits):
+    if not fits:
+        fail_usage(f"{source.path}: no figure applies to it (groups found: "
+                   f"{', '.join(sorted(source.entries[0].groups)) or 'none'})")
+    if source.several:
+        everyone = all("trajectory" in e.groups for e in source.entries)
+        return "flow" if everyone and "flow" in fits else (
+            "sweep" if "sweep" in fits else fits[0])
+    return fits[0]
+
+
+def _why_not(kind, source):
+    if kind.scope == "folder":
+        return f"'{kind.name}' compares the runs of a folder; give a folder of " \
+               "several result files"
+    if kind.scope == "file" and source.several:
+        return f"'{kind.name}' draws one run; give one of the folder's files"
+    if not kind.needs:
+        return "no file has a summary (partial files get theirs when they finish)"
+    where = "any file" if source.several else "the file"
+    return f"no {kind.needs}/ group in {where} (that figure shows {kind.help})"
+
+
+def output_paths(source, names, out, many):
+    """Where each figure goes: ``-o`` (a folder with ``--what all``) or by the input."""
+    if out is not None and not many and out.suffix.lower() != ".png":
+        fail_usage(f"--out {out}: expected a path ending in .png")
+    if out is not None and many and out.suffix:
+        fail_usage(f"--out {out}: with --what all, --out is a folder for the figures")
+    if out is not None and not many:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return [out]
+    if source.is_folder:
+        folder, stem = out or source.path, ""
+    else:
+        folder, stem = out or source.path.parent, _stem(source.path) + "-"
+    folder.mkdir(parents=True, exist_ok=True)
+    return [folder / f"{stem}{name}.png" for name in names]
+
+
+def _stem(path):
+    name = path.name
+    name = name[:-len(PARTIAL)] if name.endswith(PARTIAL) else name
+    return name[:-3] if name.endswith(".h5") else Path(name).stem
+
+
+# ------------------------------------------------------------ rendering
+
+def render(kind, results, target, options):
+    """Draw ``kind`` on a fresh figure and write it as a byte-stable PNG.
+
+    The style starts from matplotlib's defaults (a user's matplotlibrc does
+    not change the bytes) and the PNG carries no software or time stamp.
+    """
+    import matplotlib.style
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from threadpoolctl import threadpool_limits
+
+    from .figures import STYLE
+
+    with matplotlib.style.context(STYLE, after_reset=True), \
+            threadpool_limits(limits=BLAS_THREADS, user_api="blas"):
+        fig = Figure(dpi=DPI, layout="constrained")
+        FigureCanvasAgg(fig)
+        kind.draw(fig, results, **options)
+        fig.savefig(target, format="png", dpi=DPI, metadata={"Software": None})
