@@ -10,7 +10,8 @@ import sys
 
 import typer
 
-from . import gathercmd, plotcmd, predictcmd, runcmd, showcmd, speccmd
+from . import (collapsecmd, gathercmd, plotcmd, predictcmd, runcmd, showcmd,
+               speccmd)
 from .common import EXIT_INTERRUPTED, err_console
 
 app = typer.Typer(
@@ -24,6 +25,7 @@ app = typer.Typer(
 )
 
 runcmd.register(app)
+collapsecmd.register(app)
 speccmd.register(app)
 showcmd.register(app)
 predictcmd.register(app)

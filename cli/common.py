@@ -70,8 +70,10 @@ def emit_row(summary, as_json):
     if as_json:
         sys.stdout.write(json.dumps(json_safe(summary)) + "\n")
     else:
-        cost = summary.get("cost")
-        cost_text = f"{summary.get('cost_kind', 'cost')}={cost:.3e}" if cost is not None else "-"
+        cost, kind = summary.get("cost"), summary.get("cost_kind", "cost")
+        if cost is None and summary.get("nc1") is not None:
+            cost, kind = summary["nc1"], "nc1"
+        cost_text = f"{kind}={cost:.3e}" if cost is not None else "-"
         fields = [summary["path"], summary["status"],
                   f"{summary['experiment']}/{summary['run_id']}", cost_text]
         sys.stdout.write("\t".join(fields) + "\n")

@@ -143,9 +143,24 @@ def run_construct(run, progress=None):
 
 def _build_deep(w, summary, ds, copt, hidden, rng, progress):
     """Methods ``clustered`` (square or reduced width) and ``sls``."""
+    rows = _kept_rows(ds.X.shape[0], copt.store_limit, rng)
+    result = deep_construction(ds, copt, hidden, rows, progress)
+    heldout = _heldout_error(result, ds, copt.heldout, rng)
+    _write_construction(w, result, rows)
+    summary.update(_construct_scalars(result, heldout, copt.method))
+    if copt.method == "sls":
+        summary.update(_write_sls(w, result))
+    if copt.reduced_width and result.layers:
+        summary["weights"] = cons.weight_count(result.layers)
+        summary["widths"] = [int(W.shape[1]) for W, _ in result.layers] + \
+            [int(result.layers[-1][0].shape[0])]
+    return result.status, result.message
+
+
+def deep_construction(ds, copt, hidden, rows=None, progress=None):
+    """The Construction (A, reduced A, or B) a ``construct:`` block asks for."""
     from . import reduced, sls
 
-    rows = _kept_rows(ds.X.shape[0], copt.store_limit, rng)
     common = dict(hidden_layers=len(hidden) if hidden else None, intercept=copt.intercept,
                   keep_rows=rows, progress=progress)
     if copt.method == "sls":
@@ -158,16 +173,7 @@ def _build_deep(w, summary, ds, copt, hidden, rng, progress):
         result = build(ds.X, ds.labels, ds.Y, mu_factor=copt.mu_factor, theta0=copt.theta0,
                        radius=_build_radius(copt.radius, ds), order=copt.order,
                        strict=copt.strict, **common)
-    heldout = _heldout_error(result, ds, copt.heldout, rng)
-    _write_construction(w, result, rows)
-    summary.update(_construct_scalars(result, heldout, copt.method))
-    if copt.method == "sls":
-        summary.update(_write_sls(w, result))
-    if copt.reduced_width and result.layers:
-        summary["weights"] = cons.weight_count(result.layers)
-        summary["widths"] = [int(W.shape[1]) for W, _ in result.layers] + \
-            [int(result.layers[-1][0].shape[0])]
-    return result.status, result.message
+    return result
 
 
 def _write_sls(w, result):
@@ -466,4 +472,10 @@ def _flow_scalars(result):
     }
 
 
-RUNNERS = {"construct": run_construct, "flow": run_flow}
+def _run_collapse(run, progress=None):
+    from .collapse_run import run_collapse
+
+    return run_collapse(run, progress)
+
+
+RUNNERS = {"construct": run_construct, "flow": run_flow, "collapse": _run_collapse}

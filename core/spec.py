@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 SCHEMA_VERSION = 1
 RUN_ID_MAX = 120  # longer readable run ids are replaced by a hash
-KINDS = ("construct", "flow")
-LATER_KINDS = ("trap", "collapse")
+KINDS = ("construct", "flow", "collapse")
+LATER_KINDS = ("trap",)
 
 
 # ------------------------------------------------------------------ errors
@@ -256,6 +256,42 @@ class ConstructSpec(_Strict):
 warnings.filterwarnings("ignore", message='Field name "construct"', category=UserWarning)
 
 
+class EffectiveSpec(_Strict):
+    """The effective (beta, R) flow of cluster truncation (flows.md section 11)."""
+
+    dim: int = Field(2, ge=1)
+    points: int = Field(50, ge=1)
+    radius: float = Field(0.3, gt=0)
+    clusters: int = Field(1, ge=1)
+    rotation: float = Field(0.0, ge=0)
+    truncated: float = Field(0.3, ge=0, le=1)
+    trapped: bool = False
+    time: float = Field(10.0, gt=0)
+    step: float | None = Field(None, gt=0)
+    method: Literal["cayley", "lie-euler", "events"] = "events"
+    freeze_R: bool | None = None
+    record: int = Field(101, ge=2)
+
+
+class CollapseSpec(_Strict):
+    """Options of ``dlmin collapse`` (reference/collapse.md)."""
+
+    of: Literal["construct", "flow", "result", "features", "effective"] = "construct"
+    path: str | None = None
+    weighting: Literal["balanced", "sample"] = "balanced"
+    ddof: int = Field(0, ge=0, le=1)
+    rank_tol: float | None = Field(None, gt=0)
+    center_classifier: bool = False
+    truncation: bool = True
+
+    @model_validator(mode="after")
+    def _path_when_needed(self):
+        if self.of in ("result", "features"):
+            _expect(self.path is not None, "path", None,
+                    f"a file path with of: {self.of}")
+        return self
+
+
 class Experiment(_Strict):
     """One experiment of a spec, as validated for one run."""
 
@@ -263,10 +299,12 @@ class Experiment(_Strict):
     kind: str
     description: str | None = None
     seed: int = Field(0, ge=0)
-    data: DataSpec
+    data: DataSpec | None = None
     network: NetworkSpec = NetworkSpec()
     construct: ConstructSpec = ConstructSpec()
     flow: FlowSpec = FlowSpec()
+    collapse: CollapseSpec = CollapseSpec()
+    effective: EffectiveSpec = EffectiveSpec()
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -274,6 +312,13 @@ class Experiment(_Strict):
         if self.kind not in KINDS:
             later = f" ({', '.join(LATER_KINDS)} are not built yet)" if self.kind in LATER_KINDS else ""
             raise _FieldProblem("kind", self.kind, " | ".join(KINDS) + later)
+        needs_data = self.kind in ("construct", "flow") or (
+            self.kind == "collapse" and self.collapse.of in ("construct", "flow"))
+        if needs_data:
+            _expect(self.data is not None, "data", None,
+                    f"a data block (kind: {self.kind} needs data)")
+        if self.kind == "collapse" and self.collapse.of == "flow":
+            _check_flow(self)
         if self.kind == "construct":
             _expect(self.network.activation == "relu", "network.activation",
                     self.network.activation, "relu (the constructions are ReLU networks)")
@@ -459,9 +504,9 @@ class Run:
         if purpose == "run":
             key = self.run_key
         elif purpose == "data":
-            key = content_key("data", self.config.data.model_dump(mode="json"))
+            key = content_key("data", _dump(self.config.data))
         elif purpose == "init":
-            key = content_key("init", self.config.data.model_dump(mode="json"),
+            key = content_key("init", _dump(self.config.data),
                               self.config.network.model_dump(mode="json"))
         else:
             raise ValueError(f"purpose must be run, data or init, got {purpose!r}")
@@ -804,6 +849,10 @@ def run_key(name, point):
     return int(_digest([name, rest])[:16], 16)
 
 
+def _dump(model):
+    return None if model is None else model.model_dump(mode="json")
+
+
 def content_key(*parts):
     """Stable integer from JSON-able content (seeds the shared random streams)."""
     return int(_digest(list(parts))[:16], 16)
@@ -836,7 +885,7 @@ def spec_hash(resolved, base_dir):
     """Hash of a run's resolved config (and of its data file's bytes)."""
     payload = {"schema": SCHEMA_VERSION,
                "config": {k: v for k, v in resolved.items() if k != "description"}}
-    data = resolved.get("data", {})
+    data = resolved.get("data") or {}
     if data.get("source") == "file":
         p = Path(data["path"])
         p = p if p.is_absolute() else base_dir / p

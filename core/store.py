@@ -110,6 +110,9 @@ class ResultWriter:
             del node[name]
         if isinstance(value, str):
             ds = node.create_dataset(name, data=value, dtype=h5py.string_dtype())
+        elif isinstance(value, np.ndarray) and value.dtype.kind == "U":
+            ds = node.create_dataset(name, data=value.astype(object),
+                                     dtype=h5py.string_dtype())
         else:
             ds = node.create_dataset(name, data=np.asarray(value))
         for key, v in attrs.items():
