@@ -947,6 +947,7 @@ class _Run:
         self.steps = 0
         self.s_max = float(options.time)
         self.short_steps = 0
+        self.on_step = None
 
     def stalled(self, step_size):
         """True after STALL_WINDOW consecutive negligible steps."""
@@ -982,7 +983,7 @@ class _Run:
 
 
 def integrate(params, X, Y, options=None, activation="tanh", on_record=None,
-              progress=None):
+              progress=None, on_step=None):
     """Integrate a gradient flow of the parameters and record its orbit.
 
     Solves ``theta'(s) = V(theta)`` (kinds in the module docstring) from
@@ -1023,6 +1024,13 @@ def integrate(params, X, Y, options=None, activation="tanh", on_record=None,
         ``on_record(rec)`` at every recording time, in order.
     progress : callable, optional
         ``progress(s, s_max)`` after every accepted step.
+    on_step : callable, optional
+        ``on_step(dense, s_old, s_new)`` once per accepted step that is part
+        of the orbit, in order, with ``s_new > s_old``; ``dense(s)`` returns
+        theta at ``s`` in ``[s_old, s_new]``, shape (K,). It is the solver's
+        dense output (``euler``: the straight line between the two states);
+        ``s_new`` is the cost-stop time inside the last step. Chaining the
+        pieces gives theta(s) on ``[0, s_final]`` (dense output of a run).
 
     Returns
     -------
@@ -1046,6 +1054,7 @@ def integrate(params, X, Y, options=None, activation="tanh", on_record=None,
         base = _baseline(problem, fld.state(theta0))
     grid = recording_times(options, problem.N)
     run = _Run(fld, options, _Recorder(fld, grid, base, on_record), progress)
+    run.on_step = on_step
     stop = _drive(run, theta0)
     return _result(run, stop)
 
@@ -1105,6 +1114,8 @@ def _drive_euler(run, theta):
         problem = run.diverged(st)
         if problem:
             return _Stop("blowup", s, theta, problem)
+        if run.on_step is not None:
+            run.on_step(_Segment(s, theta, k * h, theta_new), s, k * h)
         theta, s = theta_new, k * h
         run.steps = k
         limit = math.inf if k == n_steps else s + 0.5 * h
@@ -1118,6 +1129,21 @@ def _drive_euler(run, theta):
         if stop:
             return stop
     return _Stop("time", s, theta)
+
+
+class _Segment:
+    """Dense output of one explicit Euler step: a straight line.
+
+    From ``(s0, theta0)`` to ``(s1, theta1)``, theta of shape (K,).
+    """
+
+    def __init__(self, s0, theta0, s1, theta1):
+        self.s0, self.s1 = s0, s1
+        self.theta0, self.theta1 = theta0.copy(), theta1.copy()
+
+    def __call__(self, s):
+        w = (s - self.s0) / (self.s1 - self.s0)
+        return (1.0 - w) * self.theta0 + w * self.theta1
 
 
 def _accept(run, s, theta):
@@ -1191,6 +1217,8 @@ def _after_step(run, solver, s_old, theta_old):
         return _Stop("blowup", s_old, theta_old, problem)
     reached = run.reached_cost(st.cost)
     stop_at = _cost_crossing(run, solver, s_old) if reached else s_new
+    if run.on_step is not None and stop_at > s_old:
+        run.on_step(solver.dense_output(), s_old, stop_at)
     _record_step(run, solver, stop_at, inclusive=not reached)
     run.report(stop_at)
     if reached:

@@ -478,4 +478,11 @@ def _run_collapse(run, progress=None):
     return run_collapse(run, progress)
 
 
-RUNNERS = {"construct": run_construct, "flow": run_flow, "collapse": _run_collapse}
+def _run_trap(run, progress=None):
+    from .trap_run import run_trap
+
+    return run_trap(run, progress)
+
+
+RUNNERS = {"construct": run_construct, "flow": run_flow, "trap": _run_trap,
+           "collapse": _run_collapse}

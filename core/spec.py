@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 SCHEMA_VERSION = 1
 RUN_ID_MAX = 120  # longer readable run ids are replaced by a hash
-KINDS = ("construct", "flow", "collapse")
-LATER_KINDS = ("trap",)
+KINDS = ("construct", "flow", "trap", "collapse")
+LATER_KINDS = ()
 
 
 # ------------------------------------------------------------------ errors
@@ -292,6 +292,33 @@ class CollapseSpec(_Strict):
         return self
 
 
+class ScenarioSpec(_Strict):
+    """A modification of the start that makes the orbit trap on purpose."""
+
+    name: Literal["small_init", "dead_units", "near_duplicates", "underparametrized"]
+    scale: float | None = Field(None, gt=0)
+    fraction: float | None = Field(None, gt=0, le=1)
+    margin: float | None = Field(None, gt=0)
+    n_groups: int | None = Field(None, ge=1)
+    spread: float | None = Field(None, ge=0)
+    width: int | None = Field(None, ge=1)
+
+    def knobs(self):
+        return {k: v for k, v in self.model_dump().items() if k != "name" and v is not None}
+
+
+class TrapSpec(_Strict):
+    """Options of ``dlmin trap`` (reference/flows.md section 9)."""
+
+    eps: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [0.1])
+    compare: bool = False
+    threshold: float | None = Field(None, gt=0)
+    compare_damping: float | None = Field(None, ge=0)
+    grid_points: int = Field(2001, ge=11)
+    scenario: ScenarioSpec | None = None
+    path: str | None = None
+
+
 class Experiment(_Strict):
     """One experiment of a spec, as validated for one run."""
 
@@ -304,6 +331,7 @@ class Experiment(_Strict):
     construct: ConstructSpec = ConstructSpec()
     flow: FlowSpec = FlowSpec()
     collapse: CollapseSpec = CollapseSpec()
+    trap: TrapSpec = TrapSpec()
     effective: EffectiveSpec = EffectiveSpec()
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
 
@@ -313,6 +341,7 @@ class Experiment(_Strict):
             later = f" ({', '.join(LATER_KINDS)} are not built yet)" if self.kind in LATER_KINDS else ""
             raise _FieldProblem("kind", self.kind, " | ".join(KINDS) + later)
         needs_data = self.kind in ("construct", "flow") or (
+            self.kind == "trap" and self.trap.path is None) or (
             self.kind == "collapse" and self.collapse.of in ("construct", "flow"))
         if needs_data:
             _expect(self.data is not None, "data", None,
@@ -324,7 +353,7 @@ class Experiment(_Strict):
                     self.network.activation, "relu (the constructions are ReLU networks)")
             if isinstance(self.data, (ClustersData, SlsData)):
                 _check_construct_shapes(self)
-        if self.kind == "flow":
+        if self.kind == "flow" or (self.kind == "trap" and self.trap.path is None):
             _check_flow(self)
         return self
 

@@ -95,7 +95,8 @@ BAD_SPECS = {
                  "found 'three'"),
     "missing": ("data: {source: clusters, classes: 3, dim: 3, points: 5}", "missing"),
     "bad source": ("data: {source: mnist, classes: 3}", "found 'mnist'"),
-    "bad kind": ("kind: trap\n    data: {source: file, path: x.npz}", "not built yet"),
+    "bad kind": ("kind: trapp\n    data: {source: file, path: x.npz}",
+                 "construct | flow | trap | collapse"),
     "bad sweep": ("data: {source: clusters, classes: 3, dim: 3, points: 5, radius: 1}\n"
                   "    sweep: {data.radius: 3}", "non-empty list"),
 }
