@@ -159,21 +159,21 @@ def _build_deep(w, summary, ds, copt, hidden, rng, progress):
 
 def deep_construction(ds, copt, hidden, rows=None, progress=None):
     """The Construction (A, reduced A, or B) a ``construct:`` block asks for."""
-    from . import reduced, sls
-
     common = dict(hidden_layers=len(hidden) if hidden else None, intercept=copt.intercept,
                   keep_rows=rows, progress=progress)
     if copt.method == "sls":
+        from . import sls  # SciPy's optimize loads only for the LP-based method
+
         planes = None if copt.planes is None else np.asarray(copt.planes, dtype=float)
-        result = sls.build_sls(ds.X, ds.labels, ds.Y, order=copt.order, planes=planes,
-                               theta_frac=copt.theta_frac, **common)
+        return sls.build_sls(ds.X, ds.labels, ds.Y, order=copt.order, planes=planes,
+                             theta_frac=copt.theta_frac, **common)
+    if copt.reduced_width:
+        from .reduced import build_clustered_reduced as build
     else:
-        build = reduced.build_clustered_reduced if copt.reduced_width else \
-            cons.build_clustered
-        result = build(ds.X, ds.labels, ds.Y, mu_factor=copt.mu_factor, theta0=copt.theta0,
-                       radius=_build_radius(copt.radius, ds), order=copt.order,
-                       strict=copt.strict, **common)
-    return result
+        build = cons.build_clustered
+    return build(ds.X, ds.labels, ds.Y, mu_factor=copt.mu_factor, theta0=copt.theta0,
+                 radius=_build_radius(copt.radius, ds), order=copt.order,
+                 strict=copt.strict, **common)
 
 
 def _write_sls(w, result):
