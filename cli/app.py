@@ -11,7 +11,7 @@ import sys
 import typer
 
 from . import (collapsecmd, gathercmd, plotcmd, predictcmd, runcmd, showcmd,
-               speccmd)
+               speccmd, truncatecmd)
 from .common import EXIT_INTERRUPTED, err_console
 
 app = typer.Typer(
@@ -31,6 +31,7 @@ showcmd.register(app)
 predictcmd.register(app)
 gathercmd.register(app)
 plotcmd.register(app)
+truncatecmd.register(app)
 
 
 def _version(value: bool):
