@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import store
+from . import network, store
 from . import truncation as tr
 
 
@@ -64,17 +64,6 @@ def load_network(path):
     )
 
 
-def forward(layers, X, activation="relu"):
-    """Outputs of an MLP with a linear last layer, shape (n_samples, out_dim)."""
-    act = {"relu": tr.relu, "tanh": np.tanh,
-           "softplus": lambda Z: np.logaddexp(0.0, Z)}[activation]
-    A = X
-    for W, b in layers[:-1]:
-        A = act(A @ W.T + b)
-    W, b = layers[-1]
-    return A @ W.T + b
-
-
 @dataclass
 class Prediction:
     """Outputs and predicted classes for new inputs.
@@ -107,7 +96,7 @@ def predict(net, X):
     X = np.asarray(X, dtype=float)
     if X.ndim != 2 or X.shape[1] != net.input_dim:
         raise ValueError(f"inputs must have shape (n, {net.input_dim}), got {X.shape}")
-    out = forward(net.layers, X, net.activation)
+    out = network.forward(net.layers, X, activation=net.activation)
     classes = nearest(out, net.Y) if net.Y is not None and net.Y.shape[1] == out.shape[1] \
         else None
     metric = _metric_classes(net, X)
