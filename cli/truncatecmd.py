@@ -22,7 +22,7 @@ import typer
 from .common import fail_usage, json_safe
 from .runcmd import JsonOpt
 
-TRUNCATED_ROWS = 10000  # at most this many truncated points stored per layer
+  # at most this many truncated points stored per layer
 
 
 def register(app):
@@ -113,45 +113,16 @@ def _summary(source, src, view, over, out):
 
 
 def _write(out, source, src, view, over):
-    import numpy as np
-
     from dlmin.core.store import ResultWriter
+    from dlmin.core.truncview import write_view
 
-    L = len(view.layers)
-    rows = _subsample(src.X.shape[0])
     try:
         w = ResultWriter(out, kind="truncate", source=str(source), time=src.time)
     except OSError as exc:
         fail_usage(f"{out}: cannot write ({exc})")
     with w:
-        w.array("truncview", "labels", src.labels)
-        w.array("truncview", "rows", rows)
-        for lv in view.layers:
-            w.array("truncview", f"base_point_{lv.layer}", lv.base_point)
-            w.array("truncview", f"edges_{lv.layer}", lv.edges)
-            w.array("truncview", f"truncated_{lv.layer}", lv.truncated[rows])
-            w.array("truncview", f"state_{lv.layer}", lv.cum_state,
-                    codes="0 collapsed, 1 partly, 2 fixed (cumulative)")
-            w.array("truncview", f"local_state_{lv.layer}", lv.state)
-        w.array("truncview", "fractions", view.fractions,
-                axes="layer, class, (collapsed, partly, fixed)")
-        w.array("truncview", "spread", view.spread, axes="layer, class")
-        if over is not None:
-            w.array("truncview", "fractions_t", over.fractions)
-            w.array("truncview", "spread_t", over.spread)
-            if over.s is not None:
-                w.array("truncview", "s", over.s)
-        w.set_attrs("truncview", layers=L, failures=view.failures,
-                    composition_error=view.composition_error)
+        write_view(w, view, src.labels, src.X.shape[0], over)
         w.finish(status="ok", message="; ".join(view.failures))
-
-
-def _subsample(n):
-    import numpy as np
-
-    if n <= TRUNCATED_ROWS:
-        return np.arange(n)
-    return np.linspace(0, n - 1, TRUNCATED_ROWS).round().astype(int)
 
 
 def _print(summary):

@@ -484,5 +484,11 @@ def _run_trap(run, progress=None):
     return run_trap(run, progress)
 
 
+def _run_truncate(run, progress=None):
+    from .truncate_run import run_truncate
+
+    return run_truncate(run, progress)
+
+
 RUNNERS = {"construct": run_construct, "flow": run_flow, "trap": _run_trap,
-           "collapse": _run_collapse}
+           "collapse": _run_collapse, "truncate": _run_truncate}

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 SCHEMA_VERSION = 1
 RUN_ID_MAX = 120  # longer readable run ids are replaced by a hash
-KINDS = ("construct", "flow", "trap", "collapse")
+KINDS = ("construct", "flow", "trap", "collapse", "truncate")
 LATER_KINDS = ()
 
 
@@ -319,6 +319,20 @@ class TrapSpec(_Strict):
     path: str | None = None
 
 
+class TruncateSpec(_Strict):
+    """Options of ``kind: truncate``: which network to see through its truncation maps."""
+
+    of: Literal["flow", "construct", "result"] = "flow"
+    path: str | None = None
+    time: Literal["all", "last"] = "all"
+
+    @model_validator(mode="after")
+    def _path_when_needed(self):
+        if self.of == "result":
+            _expect(self.path is not None, "path", None, "a result file with of: result")
+        return self
+
+
 class Experiment(_Strict):
     """One experiment of a spec, as validated for one run."""
 
@@ -332,6 +346,7 @@ class Experiment(_Strict):
     flow: FlowSpec = FlowSpec()
     collapse: CollapseSpec = CollapseSpec()
     trap: TrapSpec = TrapSpec()
+    truncate: TruncateSpec = TruncateSpec()
     effective: EffectiveSpec = EffectiveSpec()
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
 
@@ -341,6 +356,7 @@ class Experiment(_Strict):
             later = f" ({', '.join(LATER_KINDS)} are not built yet)" if self.kind in LATER_KINDS else ""
             raise _FieldProblem("kind", self.kind, " | ".join(KINDS) + later)
         needs_data = self.kind in ("construct", "flow") or (
+            self.kind == "truncate" and self.truncate.of != "result") or (
             self.kind == "trap" and self.trap.path is None) or (
             self.kind == "collapse" and self.collapse.of in ("construct", "flow"))
         if needs_data:
@@ -353,7 +369,8 @@ class Experiment(_Strict):
                     self.network.activation, "relu (the constructions are ReLU networks)")
             if isinstance(self.data, (ClustersData, SlsData)):
                 _check_construct_shapes(self)
-        if self.kind == "flow" or (self.kind == "trap" and self.trap.path is None):
+        if self.kind == "flow" or (self.kind == "trap" and self.trap.path is None) or (
+                self.kind == "truncate" and self.truncate.of == "flow"):
             _check_flow(self)
         return self
 

@@ -532,3 +532,45 @@ def _load_data(data, dim):
             or (labels < 0).any():
         raise ValueError(f"{data}: labels must be {X.shape[0]} non-negative integers")
     return X, labels.astype(int)
+
+
+STORED_ROWS = 10000  # truncated data are stored for at most this many points
+
+
+def stored_rows(n):
+    """Evenly spaced row indices, at most ``STORED_ROWS`` of ``n``."""
+    if n <= STORED_ROWS:
+        return np.arange(n)
+    return np.linspace(0, n - 1, STORED_ROWS).round().astype(int)
+
+
+def write_view(w, view, labels, n_samples, over=None):
+    """Store a view (and its course over time) in ``truncview/`` of a result file.
+
+    Parameters
+    ----------
+    w : dlmin.core.store.ResultWriter
+    view : TruncationView
+    labels : ndarray of int, shape (n_samples,)
+    over : TruncationOverTime, optional
+    """
+    rows = stored_rows(n_samples)
+    w.array("truncview", "labels", labels)
+    w.array("truncview", "rows", rows)
+    for lv in view.layers:
+        w.array("truncview", f"base_point_{lv.layer}", lv.base_point)
+        w.array("truncview", f"edges_{lv.layer}", lv.edges)
+        w.array("truncview", f"truncated_{lv.layer}", lv.truncated[rows])
+        w.array("truncview", f"state_{lv.layer}", lv.cum_state,
+                codes="0 collapsed, 1 partly, 2 fixed (cumulative)")
+        w.array("truncview", f"local_state_{lv.layer}", lv.state)
+    w.array("truncview", "fractions", view.fractions,
+            axes="layer, class, (collapsed, partly, fixed)")
+    w.array("truncview", "spread", view.spread, axes="layer, class")
+    if over is not None:
+        w.array("truncview", "fractions_t", over.fractions)
+        w.array("truncview", "spread_t", over.spread)
+        if over.s is not None:
+            w.array("truncview", "s", over.s)
+    w.set_attrs("truncview", layers=len(view.layers), failures=view.failures,
+                composition_error=view.composition_error)

@@ -1,0 +1,48 @@
+"""`kind: truncate`: trained, constructed and stored networks through their truncation maps."""
+
+import json
+
+import numpy as np
+from typer.testing import CliRunner
+
+from dlmin.cli.app import app
+from dlmin.core import store
+
+from helpers import write_spec
+
+SPEC = """\
+experiments:
+  - name: trained
+    kind: truncate
+    data: {source: clusters, classes: 3, dim: 3, points: 6, radius: 0.15}
+    network: {hidden: [3, 3], activation: relu, init: {bias_scale: 0.1}}
+    flow: {kind: standard, solver: euler, step: 0.05, time: 20, record: {points: 5}}
+  - name: built
+    kind: truncate
+    data: {source: clusters, classes: 3, dim: 3, points: 6, radius: 0.05}
+    truncate: {of: construct}
+  - name: stored
+    kind: truncate
+    truncate: {of: result, path: out/trained/run.h5}
+"""
+
+
+def test_truncate_kind_end_to_end(tmp_path):
+    spec = write_spec(tmp_path, SPEC)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(spec), "-o", str(out), "--json", "-j", "1"])
+    assert result.exit_code == 0, result.output
+    rows = {json.loads(l)["experiment"]: json.loads(l) for l in result.stdout.splitlines()}
+    trained = rows["trained"]
+    for key in ("collapsed", "partly", "fixed", "spread"):
+        assert np.shape(trained[key]) == (2, 3)
+    fr = np.array([trained["collapsed"], trained["partly"], trained["fixed"]])
+    np.testing.assert_allclose(fr.sum(axis=0), 1.0)
+    view = store.load(trained["path"])["truncview"]
+    assert view["fractions_t"].shape == (5, 2, 3, 3) and view["s"].shape == (5,)
+    np.testing.assert_allclose(view["fractions_t"][-1], view["fractions"])
+    built = np.array(rows["built"]["collapsed"])  # class l collapsed from layer l on
+    np.testing.assert_array_equal(built, np.tril(np.ones((3, 3))))
+    stored = store.load(rows["stored"]["path"])["truncview"]
+    np.testing.assert_allclose(stored["fractions"], view["fractions"])
+    assert stored["fractions_t"].shape == view["fractions_t"].shape
