@@ -52,11 +52,12 @@ __all__ = [
 ACTIVATIONS = ("relu", "tanh", "softplus")
 INIT_SCHEMES = ("he", "glorot", "gaussian")
 
-# Rows of the kernel per block in `ntk`: each block row is one GEMM per layer
-# of shape (rows, M_l) x (M_l, <= N*Q). About 200 rows keep a single-threaded
-# GEMM near its peak while two block buffers (2 x 3.2 MB at N*Q = 2000) stay
-# in cache for the elementwise products that follow each GEMM.
-NTK_BLOCK_ROWS = 200
+# Rows of the kernel per block in `ntk`: each block row is one GEMM per hidden
+# layer, (rows, M_l) x (M_l, <= N*Q). About 100 rows keep these thin GEMMs
+# near their BLAS speed and the block buffers (1.6 MB each at N*Q = 2000) in
+# cache for the elementwise work; the diagonal blocks, computed whole, add
+# rows / (N*Q) to the flops. Measured optimum, flat between 100 and 300.
+NTK_BLOCK_ROWS = 100
 
 _NPZ_NAME = re.compile(r"^([Wb])([1-9][0-9]*)$")
 
@@ -291,7 +292,8 @@ def _params_from_arrays(arrays, where):
             f"{where}: unexpected arrays {unknown}; expected only "
             "W1, b1, W2, b2, ..."
         )
-    n_layers = max((int(_NPZ_NAME.match(n).group(2)) for n in arrays), default=0)
+    indices = [int(_NPZ_NAME.match(name).group(2)) for name in arrays]
+    n_layers = max(indices, default=0)
     if n_layers == 0:
         raise ValueError(f"{where}: no arrays W1, b1, ... found")
     names = [f"{kind}{l}" for l in range(1, n_layers + 1) for kind in "Wb"]
@@ -301,7 +303,9 @@ def _params_from_arrays(arrays, where):
             f"{where}: missing arrays {missing} for a network with "
             f"{n_layers} layers (W{n_layers} is present)"
         )
-    params = [(arrays[f"W{l}"], arrays[f"b{l}"]) for l in range(1, n_layers + 1)]
+    params = [
+        (arrays[f"W{l}"], arrays[f"b{l}"]) for l in range(1, n_layers + 1)
+    ]
     try:
         params, _ = _check_params(params)
     except ValueError as exc:
@@ -338,7 +342,7 @@ def _check_params(params):
 
     Messages name layers ``W1, b1, ...`` (1-based), as in the npz format.
     """
-    if isinstance(params, np.ndarray) or len(params) == 0:
+    if isinstance(params, np.ndarray) or not params:
         raise ValueError(
             "params: expected a non-empty list of (W, b) pairs, "
             f"got {type(params).__name__}"
@@ -537,7 +541,8 @@ def _sensitivities(params, cache):
         if upstream is None:
             S = E * W_next[None, :, :]
         else:
-            S = (upstream @ W_next).reshape(n_samples, n_outputs, -1) * E
+            S = (upstream @ W_next).reshape(n_samples, n_outputs, -1)
+            S *= E
         upstream = S.reshape(n_samples * n_outputs, -1)
         sens[l] = upstream
     return sens
@@ -613,9 +618,10 @@ def jvp(params, X, v, activation="relu"):
 
 
 def vjp(params, X, c, activation="relu"):
-    """Pull an output cotangent back to parameters: ``D^T c`` (one backward pass).
+    """Pull an output cotangent back to the parameters: ``D^T c``.
 
-    With ``c = (x - y) / N`` this is the gradient of ``|x - y|^2 / (2N)``.
+    One backward pass; ``D`` is never formed. With ``c = (x - y) / N`` this
+    is the gradient of the cost ``|x - y|^2 / (2N)``.
 
     Parameters
     ----------
@@ -660,8 +666,8 @@ def ntk(params, X, activation="relu"):
     ``o`` elementwise; the output layer has ``S = I``, so its term is
     ``(A A^T + 1) kron I_Q``. Only the lower block triangle is computed, in
     row blocks of about :data:`NTK_BLOCK_ROWS` rows, each mirrored to the
-    upper triangle. Memory is ``O((N*Q)^2 + N*Q*sum_l M_l)``; the work is
-    about ``(N*Q)^2 * sum_(l<=L) M_l`` flops.
+    upper triangle. Memory is G plus ``O(N*Q*(sum_l M_l + NTK_BLOCK_ROWS))``;
+    the work is about ``(N*Q)^2 * sum_(l<=L) M_l`` flops.
 
     Parameters
     ----------
@@ -679,56 +685,80 @@ def ntk(params, X, activation="relu"):
     params, widths, X = _prepare(params, X, activation)
     cache = _forward_cache(params, X, activation)
     sens = _sensitivities(params, cache)
-    grams = [A @ A.T + 1.0 for A in cache.inputs]
-    return _assemble_kernel(sens, grams, widths[-1])
+    return _assemble_kernel(sens, cache.inputs, widths[-1])
 
 
-def _assemble_kernel(sens, grams, n_outputs):
+def _assemble_kernel(sens, inputs, n_outputs):
     """Fill G one block row at a time: lower block triangle, then mirror."""
-    n_samples = grams[0].shape[0]
+    n_samples = inputs[0].shape[0]
     size = n_samples * n_outputs
     step = max(1, NTK_BLOCK_ROWS // n_outputs)
     G = np.empty((size, size))
-    workspace = np.empty((2, step * n_outputs * size))
-    weights = [_repeat_columns(C, n_outputs) for C in grams[:-1]]
+    workspace = np.empty((3, step * n_outputs * size))
     for start in range(0, n_samples, step):
         block = (start, min(n_samples, start + step))
-        _kernel_rows(G, sens, weights, grams[-1], n_outputs, block, workspace)
+        _kernel_rows(G, sens, inputs, n_outputs, block, workspace)
     return G
 
 
-def _repeat_columns(C, n_outputs):
-    """``C kron 1_(1xQ)``: shape (N, N*Q), entry (n, m*Q + p) = C[n, m]."""
-    n_samples = C.shape[0]
-    expanded = np.broadcast_to(C[:, :, None], (n_samples, n_samples, n_outputs))
-    return expanded.reshape(n_samples, n_samples * n_outputs)
-
-
-def _kernel_rows(G, sens, weights, last_gram, n_outputs, block, workspace):
+def _kernel_rows(G, sens, inputs, n_outputs, block, workspace):
     """Compute rows ``start*Q:stop*Q`` of G left of the diagonal, then mirror.
 
-    The block row is assembled in ``workspace`` (two buffers of at least
-    ``rows * stop*Q`` floats) so that the elementwise work stays in cache;
-    G itself is written once in the block row and once in its mirror image.
+    The layer terms are summed in ``workspace`` (three buffers of at least
+    ``rows * stop*Q`` floats), where the elementwise work stays in cache; the
+    last sum writes straight into G, which is then copied once to its mirror
+    image. The diagonal block is symmetrized so that G is exactly symmetric.
     """
     start, stop = block
     Q = n_outputs
     lo, hi = start * Q, stop * Q
-    total = workspace[0][: (hi - lo) * hi].reshape(hi - lo, hi)
-    layer = workspace[1][: (hi - lo) * hi].reshape(hi - lo, hi)
-    for index, S in enumerate(sens):
-        weight = weights[index][start:stop, None, :hi]
-        target = total if index == 0 else layer
-        np.matmul(S[lo:hi], S[:hi].T, out=target)
-        target.reshape(stop - start, Q, hi)[...] *= weight
-        if index > 0:
-            total += layer
+    total, layer = (
+        buf[: (hi - lo) * hi].reshape(hi - lo, hi) for buf in workspace[:2]
+    )
+    rows = G[lo:hi, :hi]
     if not sens:
         total[...] = 0.0
-    blocks4 = total.reshape(stop - start, Q, stop, Q)
-    output_term = np.einsum("nqmq->nqm", blocks4)
-    output_term += last_gram[start:stop, None, :stop]
-    diagonal = total[:, lo:hi]
+        _add_output_term(total, inputs[-1], Q, block)
+    for index, S in enumerate(sens):
+        target = total if index == 0 else layer
+        np.matmul(S[lo:hi], S[:hi].T, out=target)
+        view = target.reshape(stop - start, Q, hi)
+        view *= _layer_weights(inputs[index], Q, block, workspace[2])
+        if index == 0:
+            _add_output_term(total, inputs[-1], Q, block)
+        elif index < len(sens) - 1:
+            total += layer
+        else:
+            np.add(total, layer, out=rows)
+    if len(sens) < 2:
+        rows[...] = total
+    diagonal = rows[:, lo:hi]
     diagonal[...] = 0.5 * (diagonal + diagonal.T)
-    G[lo:hi, :hi] = total
-    G[:lo, lo:hi] = total[:, :lo].T
+    G[:lo, lo:hi] = rows[:, :lo].T
+
+
+def _gram_rows(A, block):
+    """Rows ``start:stop`` of ``A A^T + 1`` up to column ``stop``."""
+    start, stop = block
+    C = A[start:stop] @ A[:stop].T
+    C += 1.0
+    return C
+
+
+def _layer_weights(A, n_outputs, block, buffer):
+    """Rows of ``(A A^T + 1) kron 1_(1xQ)`` as shape (rows, 1, stop*Q)."""
+    start, stop = block
+    C = _gram_rows(A, block)
+    if n_outputs == 1:
+        return C[:, None, :]
+    expanded = buffer[: C.size * n_outputs].reshape(*C.shape, n_outputs)
+    expanded[...] = C[:, :, None]
+    return expanded.reshape(stop - start, 1, stop * n_outputs)
+
+
+def _add_output_term(total, A, n_outputs, block):
+    """Add the output layer's ``(A A^T + 1) kron I_Q`` to a block row."""
+    start, stop = block
+    blocks = total.reshape(stop - start, n_outputs, stop, n_outputs)
+    same_output = np.einsum("nqmq->nqm", blocks)
+    same_output += _gram_rows(A, block)[:, None, :]

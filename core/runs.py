@@ -366,6 +366,14 @@ def initial_params(cfg, ds, rng, base_dir):
         widths = [ds.X.shape[1], *cfg.network.hidden, out_dim]
         return network.init_params(widths, rng=rng, scheme=init.scheme, scale=init.scale,
                                    bias_scale=init.bias_scale)
+    if init.source == "partial":
+        from .truncview import partial_truncation_start
+
+        built = deep_construction(ds, cfg.construct, None)
+        if not built.layers:
+            raise RunFailure(f"network.init: partial needs the construction, which failed: "
+                             f"{built.message}")
+        return partial_truncation_start(built, ds.X, ds.labels, init.layer, init.weight)
     path = Path(init.path)
     path = path if path.is_absolute() else Path(base_dir) / path
     if not path.exists():

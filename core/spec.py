@@ -149,7 +149,17 @@ class ResultInit(_Strict):
     path: str
 
 
-InitSpec = Annotated[Union[SeedInit, FileInit, ResultInit], Field(discriminator="source")]
+class PartialInit(_Strict):
+    """The constructed network (``construct:`` block) with one cone layer's apex
+    moved between its collapse and keep positions, so it truncates a class in part."""
+
+    source: Literal["partial"]
+    layer: int = Field(1, ge=1)
+    weight: float = Field(0.5, ge=0, le=1)
+
+
+InitSpec = Annotated[Union[SeedInit, FileInit, ResultInit, PartialInit],
+                     Field(discriminator="source")]
 
 
 class NetworkSpec(_Strict):
@@ -763,7 +773,8 @@ def _allowed(err, raw):
     if typ == "union_tag_invalid":
         return ctx.get("expected_tags", "").replace("'", "")
     if typ == "union_tag_not_found":
-        tags = {"data": "clusters | file | sklearn | sls", "init": "seed | file | result"}
+        tags = {"data": "clusters | file | sklearn | sls",
+                "init": "seed | file | result | partial"}
         return "a 'source' key: " + tags.get(str(err["loc"][-1]), "see the README")
     bounds = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}",
               "less_than": "< {lt}", "less_than_equal": "<= {le}"}

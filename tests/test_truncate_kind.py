@@ -46,3 +46,23 @@ def test_truncate_kind_end_to_end(tmp_path):
     stored = store.load(rows["stored"]["path"])["truncview"]
     np.testing.assert_allclose(stored["fractions"], view["fractions"])
     assert stored["fractions_t"].shape == view["fractions_t"].shape
+
+
+def test_partial_start_truncates_a_class_in_part_and_training_truncates_more(tmp_path):
+    text = """\
+    experiments:
+      - name: partial
+        kind: truncate
+        data: {source: clusters, classes: 3, dim: 3, points: 20, radius: 0.1}
+        network: {activation: relu, init: {source: partial, layer: 1, weight: 0.45}}
+        flow: {kind: standard, solver: euler, step: 0.05, time: 30, record: {points: 4}}
+    """
+    result = CliRunner().invoke(app, ["run", str(write_spec(tmp_path, text)), "-o",
+                                      str(tmp_path / "o"), "--json"])
+    row = json.loads(result.stdout)
+    assert result.exit_code == 0, result.output
+    first = store.load(row["path"])["truncview"]["fractions_t"][:, 0, 0, 0]
+    assert 0 < first[0] < 1 and first[-1] > first[0]
+    bad = text.replace("weight: 0.45", "weight: 1.5")
+    check = CliRunner().invoke(app, ["validate", str(write_spec(tmp_path, bad, "b.yaml"))])
+    assert check.exit_code == 2 and "weight" in check.stderr
