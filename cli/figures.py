@@ -1096,6 +1096,443 @@ def _sweep_scale(ax, values):
         ax.set_yscale("log")
 
 
+# ------------------------------------------------------------- truncview
+
+STATE_NAMES = ("collapsed", "partly", "fixed")  # truncview state codes 0, 1, 2
+STATE_MARKERS = (("x", 0.95, 14), ("^", 0.7, 10), ("o", 0.35, 8))  # marker, alpha, size
+STATE_LINES = ("-", "--", ":")  # collapsed, partly, fixed in the time figures
+ANIMATION_FRAMES = 40  # at most this many frames in a GIF
+ANIMATION_FPS = 5
+ANIMATION_DPI = 80  # GIF pixels per inch: small files
+VIEW_QUANTILE = 0.01  # animation limits: this quantile of all frames' points on each side
+SPREAD_FLOOR = 1e-12  # spreads below this times the largest are drawn at that floor
+BASE_POINT_REACH = 3.0  # base points farther than this times the cloud's extent: not in the limits
+
+
+@dataclass
+class TruncData:
+    """The ``truncview/`` group of a result, read into arrays.
+
+    Attributes
+    ----------
+    L : int
+    rows : ndarray of int, shape (n,)
+        Stored rows (indices into the data).
+    labels : ndarray of int, shape (n,)
+        Class of every stored row.
+    Q : int
+    base, edges, points, states : list of ndarray, one per layer
+    X : ndarray, shape (n, dim), or None
+        The input data of the stored rows, when the result has them.
+    """
+
+    L: int
+    rows: np.ndarray
+    labels: np.ndarray
+    Q: int
+    base: list
+    edges: list
+    points: list
+    states: list
+    X: np.ndarray | None
+
+
+def truncview_data(res):
+    """:class:`TruncData` of a result; :class:`PlotError` when incomplete."""
+    tv = need(res, "truncview", "dlmin truncate -o")
+    L = 0
+    while f"base_point_{L + 1}" in tv:
+        L += 1
+    if not L or "labels" not in tv:
+        raise PlotError(f"{run_name(res)}: truncview/ holds no base_point_1, ... arrays")
+    labels_all = np.asarray(tv["labels"], dtype=int)
+    rows = np.asarray(tv.get("rows", np.arange(labels_all.size)), dtype=int)
+    labels = labels_all[rows]
+    X = _data_X(res, labels_all.size)
+    return TruncData(
+        L, rows, labels, int(labels_all.max(initial=0)) + 1,
+        [np.atleast_1d(np.asarray(tv[f"base_point_{l}"], dtype=float))
+         for l in range(1, L + 1)],
+        [np.atleast_2d(np.asarray(tv[f"edges_{l}"], dtype=float))
+         for l in range(1, L + 1)],
+        [np.asarray(tv[f"truncated_{l}"], dtype=float) for l in range(1, L + 1)],
+        [np.asarray(tv[f"state_{l}"], dtype=int)[rows] for l in range(1, L + 1)],
+        None if X is None else X[rows])
+
+
+def _data_X(res, n):
+    """``data/X`` as floats when it has ``n`` rows, else None."""
+    X = (group(res, "data") or {}).get("X")
+    if X is None:
+        return None
+    X = np.asarray(X, dtype=float)
+    return X if X.ndim == 2 and X.shape[0] == n else None
+
+
+@dataclass
+class Plane:
+    """An affine map R^dim -> R^2: ``(x - origin) @ basis``.
+
+    The first two principal directions of the data when dim > 2, the native
+    axes (padded with a zero second axis for dim = 1) otherwise.
+    """
+
+    origin: np.ndarray
+    basis: np.ndarray
+    names: tuple
+
+    def points(self, X):
+        return (np.asarray(X, dtype=float) - self.origin) @ self.basis
+
+    def vectors(self, V):
+        return np.asarray(V, dtype=float) @ self.basis
+
+
+def principal_plane(X):
+    """The :class:`Plane` of data ``X`` (shape (n, dim))."""
+    X = np.asarray(X, dtype=float)
+    dim = X.shape[1]
+    if dim <= 2:
+        basis = np.eye(dim, 2)
+        return Plane(np.zeros(dim), basis, ("$x_1$", "$x_2$" if dim == 2 else ""))
+    origin = X.mean(axis=0)
+    _, _, Vt = np.linalg.svd(X - origin, full_matrices=False)
+    basis = Vt[:2].T.copy()
+    for k in range(2):  # deterministic signs: largest entry positive
+        if basis[np.argmax(np.abs(basis[:, k])), k] < 0:
+            basis[:, k] *= -1
+    return Plane(origin, basis, ("PC 1", "PC 2"))
+
+
+def _plane_limits(clouds, anchors=()):
+    """Common equal-aspect limits of 2-D ``clouds``; ``anchors`` when near them."""
+    pts = np.vstack([c for c in clouds if c.size] or [np.zeros((1, 2))])
+    pts = pts[np.all(np.isfinite(pts), axis=1)]
+    if not pts.size:
+        pts = np.zeros((1, 2))
+    lo, hi = pts.min(axis=0), pts.max(axis=0)
+    center, half = (lo + hi) / 2, max(float((hi - lo).max()) / 2, 1e-12)
+    near = [a for a in anchors if np.all(np.isfinite(a))
+            and np.abs(a - center).max() <= BASE_POINT_REACH * half]
+    if near:
+        pts = np.vstack([pts, *near])
+        lo, hi = pts.min(axis=0), pts.max(axis=0)
+        center, half = (lo + hi) / 2, max(float((hi - lo).max()) / 2, 1e-12)
+    half *= 1.12
+    return [(c - half, c + half) for c in center]
+
+
+def _state_scatter(ax, P, labels, states, Q, legend=True):
+    """Points colored by class, marker and alpha by state."""
+    for c in range(Q):
+        for code, (marker, alpha, size) in enumerate(STATE_MARKERS):
+            sel = (labels == c) & (states == code)
+            if sel.any():
+                ax.scatter(*P[sel].T, s=size, marker=marker, color=_color(c),
+                           alpha=alpha, lw=0.8 if marker == "x" else 0)
+
+
+def _state_legend(fig, Q, extra=()):
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], ls="", marker="s", color=_color(c), label=f"class {c}")
+               for c in range(Q)]
+    handles += [Line2D([], [], ls="", marker=m, color="0.3", alpha=max(a, 0.6),
+                       label=name)
+                for (m, a, _), name in zip(STATE_MARKERS, STATE_NAMES)]
+    handles += list(extra)
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 8),
+               fontsize=7)
+
+
+def _edge_star(ax, plane, base, edges, length):
+    """The base point and the projected edge directions from it."""
+    p = plane.points(base[None])[0]
+    V = plane.vectors(edges)
+    norms = np.linalg.norm(V, axis=1)
+    top = norms.max(initial=0.0)
+    if top > 0:
+        for v in V[norms > RANK_RTOL * top]:
+            ax.annotate("", xy=p + length * v / top, xytext=p,
+                        arrowprops=dict(arrowstyle="-|>", color="k", lw=0.8,
+                                        shrinkA=0, shrinkB=0, mutation_scale=7))
+    ax.scatter(*p, s=90, marker="*", color="k", edgecolors="w", linewidths=0.5,
+               zorder=5)
+
+
+def _output_layers(res, tdata):
+    """The network's (W, b) for the outputs panel, or None."""
+    from dlmin.core import network, store
+
+    net = group(res, "network")
+    if net is None or tdata.X is None:
+        return None
+    layers = store.read_layers(net)
+    if not layers:
+        return None
+    theta = (group(res, "trajectory") or {}).get("theta")
+    time = res.get("attrs", {}).get("time")
+    if time is not None and theta is not None:
+        layers = network.unflatten(np.asarray(theta)[int(time)],
+                                   network.widths_of(layers))
+    return layers
+
+
+def relu_forward(layers, X):
+    """Outputs of the ReLU network ``layers`` (list of (W, b)) on ``X``."""
+    A = np.asarray(X, dtype=float)
+    for k, (W, b) in enumerate(layers):
+        A = A @ np.asarray(W).T + np.asarray(b)
+        if k < len(layers) - 1:
+            A = np.maximum(A, 0.0)
+    return A
+
+
+def draw_truncview(fig, results):
+    """Data and every hidden layer's truncation in one plane, with outputs.
+
+    One panel per layer (and the input, when the result has ``data/X``),
+    all projected on the first two principal directions of the original
+    data, so the layers compare. Points carry their class color and their
+    cumulative state (collapsed, partly, fixed) as marker and alpha; the
+    black star is the layer's base point, arrows its edge directions. When
+    the network and data are in the file and there are at most 3 outputs,
+    a last panel shows the outputs themselves.
+    """
+    res = results[0]
+    td = truncview_data(res)
+    ref = td.X if td.X is not None else td.points[0]
+    plane = principal_plane(ref)
+    clouds = ([plane.points(td.X)] if td.X is not None else []) + \
+        [plane.points(P) for P in td.points]
+    bases = [plane.points(b[None])[0] for b in td.base]
+    limits = _plane_limits(clouds, bases)
+    length = ARROW_FRACTION * (limits[0][1] - limits[0][0])
+    layers = _output_layers(res, td)
+    outputs = None
+    if layers is not None and 1 <= layers[-1][0].shape[0] <= 3:
+        outputs = relu_forward(layers, td.X)
+    n = len(clouds) + (outputs is not None)
+    ncols = n if n <= 5 else 4
+    nrows = math.ceil(n / ncols)
+    fig.set_size_inches(3.0 * ncols, 3.0 * nrows + 0.8)
+    first = td.X is not None
+    for k, P in enumerate(clouds):
+        ax = fig.add_subplot(nrows, ncols, k + 1)
+        ax.set_aspect("equal")
+        ax.set_xlim(*limits[0])
+        ax.set_ylim(*limits[1])
+        if k == 0:
+            ax.set_xlabel(plane.names[0], labelpad=0)
+            ax.set_ylabel(plane.names[1], labelpad=0)
+        if first and k == 0:
+            _state_scatter(ax, P, td.labels, np.full(len(P), 2), td.Q)
+            ax.set_title("input", fontsize=8)
+            continue
+        ell = k + 1 - first
+        _state_scatter(ax, P, td.labels, td.states[ell - 1], td.Q)
+        _edge_star(ax, plane, td.base[ell - 1], td.edges[ell - 1], length)
+        frac = np.mean(td.states[ell - 1] == 0) if len(P) else float("nan")
+        ax.set_title(f"layer {ell} ({td.edges[ell - 1].shape[0]} units): "
+                     f"{100 * frac:.0f}% collapsed", fontsize=8)
+    if outputs is not None:
+        _outputs_panel(fig, nrows, ncols, n, outputs, td)
+    from matplotlib.lines import Line2D
+
+    star = Line2D([], [], ls="", marker="*", color="k", markersize=9,
+                  label="base point, edges")
+    _state_legend(fig, td.Q, [star])
+    where = "first two principal components of the data" if plane.names[0] == "PC 1" \
+        else "input coordinates"
+    if td.X is None and plane.names[0] == "PC 1":
+        where = "principal components of layer 1's points (no data/X in the file)"
+    title(fig, results, f"truncation view, {td.L} layers, {where}")
+
+
+def _outputs_panel(fig, nrows, ncols, index, outputs, td):
+    Qo = outputs.shape[1]
+    states = td.states[-1]
+    if Qo == 3:
+        ax = fig.add_subplot(nrows, ncols, index, projection="3d")
+        ax.tick_params(labelsize=6, pad=0)
+        ax.locator_params(nbins=4)
+        for c in range(td.Q):
+            for code, (marker, alpha, size) in enumerate(STATE_MARKERS):
+                sel = (td.labels == c) & (states == code)
+                if sel.any():
+                    ax.scatter(*outputs[sel].T, s=size, marker=marker,
+                               color=_color(c), alpha=alpha,
+                               lw=0.8 if marker == "x" else 0)
+    else:
+        ax = fig.add_subplot(nrows, ncols, index)
+        P = outputs if Qo == 2 else np.column_stack([outputs[:, 0],
+                                                     np.zeros(len(outputs))])
+        _state_scatter(ax, P, td.labels, states, td.Q)
+        if Qo == 1:
+            ax.set_yticks([])
+        else:
+            ax.set_aspect("equal", adjustable="datalim")
+    ax.set_title(f"outputs in $R^{Qo}$ (state after layer {td.L})", fontsize=8)
+
+
+def _truncation_series(res):
+    tv = need(res, "truncview", "dlmin truncate -o")
+    if "fractions_t" not in tv:
+        raise PlotError(f"{run_name(res)}: truncview/ holds no fractions_t (run "
+                        "dlmin truncate on a flow with --time all)")
+    F = np.asarray(tv["fractions_t"], dtype=float)
+    S = np.asarray(tv.get("spread_t", np.full(F.shape[:3], np.nan)), dtype=float)
+    if F.ndim != 4 or F.shape[-1] != 3 or S.shape != F.shape[:3]:
+        raise PlotError(f"{run_name(res)}: truncview/fractions_t {F.shape} and "
+                        f"spread_t {S.shape} are not (T, L, Q, 3) and (T, L, Q)")
+    s = tv.get("s")
+    if s is None or np.shape(s) != (F.shape[0],):
+        return np.arange(F.shape[0], dtype=float), F, S, "recorded time index"
+    return np.asarray(s, dtype=float), F, S, "s"
+
+
+def _floored(S, c):
+    """Spreads of class ``c`` (column of ``S``), lifted to SPREAD_FLOOR x the largest."""
+    v = _positive(S[:, c])
+    top = np.nanmax(_positive(S), initial=0.0) if np.isfinite(_positive(S)).any() else 0
+    return np.where(np.isfinite(v), np.maximum(v, SPREAD_FLOOR * top), np.nan) \
+        if top > 0 else v
+
+
+def draw_truncation_time(fig, results):
+    """Per layer, each class's collapsed/partly/fixed fractions and spread against s."""
+    res = results[0]
+    s, F, S, xlabel = _truncation_series(res)
+    T, L, Q, _ = F.shape
+    fig.set_size_inches(max(4.5, 3.2 * L), 5.6)
+    axes = fig.subplots(2, L, sharex=True, squeeze=False)
+    for ell in range(L):
+        top, bottom = axes[0, ell], axes[1, ell]
+        for c in range(Q):
+            for code, ls in enumerate(STATE_LINES):
+                top.plot(s, F[:, ell, c, code], color=_color(c), ls=ls,
+                         marker="o" if T < 3 else None, ms=3)
+            bottom.plot(s, _floored(S[:, ell], c), color=_color(c),
+                        marker="o" if T < 3 else None, ms=3)
+        top.set_ylim(-0.03, 1.03)
+        top.set_title(f"layer {ell + 1}", fontsize=8)
+        if np.isfinite(_positive(S[:, ell])).any():
+            bottom.set_yscale("log")
+        bottom.set_xlabel(xlabel)
+    axes[0, 0].set_ylabel("fraction of the class")
+    axes[1, 0].set_ylabel(f"spread (floored at {SPREAD_FLOOR:.0e} x max)")
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=_color(c), label=f"class {c}") for c in range(Q)]
+    handles += [Line2D([], [], color="0.3", ls=ls, label=name)
+                for ls, name in zip(STATE_LINES, STATE_NAMES)]
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles),
+               fontsize=7)
+    title(fig, results, "truncation over training time")
+
+
+def _robust_limits(clouds):
+    """Equal-aspect limits holding all but the outer VIEW_QUANTILE of the points."""
+    pts = np.vstack([c for c in clouds if c.size])
+    pts = pts[np.all(np.isfinite(pts), axis=1)]
+    if len(pts) < 2:
+        return _plane_limits(clouds)
+    lo = np.quantile(pts, VIEW_QUANTILE, axis=0)
+    hi = np.quantile(pts, 1 - VIEW_QUANTILE, axis=0)
+    return _plane_limits([np.vstack([lo, hi])] + [clouds[0]])
+
+
+def animation_frames(T, most=ANIMATION_FRAMES):
+    """At most ``most`` recorded time indices, first and last included."""
+    return np.unique(np.linspace(0, T - 1, min(T, most)).round().astype(int))
+
+
+def draw_animation(fig, results):
+    """The data through the layers over training time, as a matplotlib animation.
+
+    Returns a ``FuncAnimation`` (the caller saves it): per frame, the
+    truncated points of every layer at one recorded time in the principal
+    plane of the data, beside the collapsed fraction of each class per
+    layer against s up to that time.
+    """
+    from matplotlib.animation import FuncAnimation
+
+    from dlmin.core import network, store
+    from dlmin.core.truncview import truncation_view
+
+    res = results[0]
+    traj = group(res, "trajectory")
+    theta = None if traj is None else traj.get("theta")
+    data = group(res, "data")
+    if theta is None or np.ndim(theta) != 2 or not len(theta):
+        raise PlotError(f"{run_name(res)}: no trajectory/theta (a flow run with "
+                        "store_theta, or its truncate file next to it)")
+    if data is None or "X" not in data:
+        raise PlotError(f"{run_name(res)}: no data/X to send through the layers")
+    layers = store.read_layers(group(res, "network") or {})
+    if not layers:
+        raise PlotError(f"{run_name(res)}: no network/ layers to read the widths from")
+    widths = network.widths_of(layers)
+    X = np.asarray(data["X"], dtype=float)
+    labels = np.asarray(data.get("labels", np.zeros(len(X))), dtype=int)
+    theta = np.asarray(theta, dtype=float)
+    s = np.asarray(traj.get("s", np.arange(len(theta))), dtype=float)
+    if s.shape != (len(theta),):
+        s = np.arange(len(theta), dtype=float)
+    frames = animation_frames(len(theta))
+    try:
+        views = [truncation_view(network.unflatten(theta[t], widths), X, labels)
+                 for t in frames]
+    except ValueError as exc:
+        raise PlotError(f"{run_name(res)}: {exc}") from exc
+    L, Q = len(views[0].layers), views[0].n_classes
+    plane = principal_plane(X)
+    clouds = [[plane.points(lv.truncated) for lv in v.layers] for v in views]
+    limits = _robust_limits([plane.points(X)] + [c for cs in clouds for c in cs])
+    collapsed = np.stack([v.fractions[:, :, 0] for v in views])  # (F, L, Q)
+    ncols = L + 2
+    fig.set_size_inches(2.4 * ncols, 3.0)
+    axes = fig.subplots(1, ncols, squeeze=True)
+    P0 = plane.points(X)
+    for ax in axes[:-1]:
+        ax.set_aspect("equal")
+    series = axes[-1]
+
+    def frame(i):
+        for k, ax in enumerate(axes[:-1]):
+            ax.cla()
+            ax.set_xlim(*limits[0])
+            ax.set_ylim(*limits[1])
+            ax.tick_params(labelsize=6)
+            if k == 0:
+                _state_scatter(ax, P0, labels, np.full(len(X), 2), Q)
+                ax.set_title("input", fontsize=8)
+            else:
+                lv = views[i].layers[k - 1]
+                _state_scatter(ax, clouds[i][k - 1], labels, lv.cum_state, Q)
+                ax.set_title(f"layer {k}", fontsize=8)
+        series.cla()
+        for ell in range(L):
+            for c in range(Q):
+                series.plot(s[frames[:i + 1]], collapsed[:i + 1, ell, c],
+                            color=_color(c), ls=("-", "--", ":", "-.")[ell % 4],
+                            label=f"layer {ell + 1}, class {c}" if L * Q <= 6 else None)
+        series.set_xlim(s[0], s[-1] if s[-1] > s[0] else s[0] + 1)
+        series.set_ylim(-0.03, 1.03)
+        series.set_xlabel("s", fontsize=8)
+        series.set_title("collapsed fraction", fontsize=8)
+        series.tick_params(labelsize=6)
+        if L * Q <= 6:
+            series.legend(fontsize=5, loc="best")
+        fig.suptitle(f"{run_name(res)} — s = {s[frames[i]]:.4g}", fontsize=9)
+        return []
+
+    frame(0)
+    fig.draw_without_rendering()  # lay the axes out once, then keep them in place
+    fig.set_layout_engine("none")
+    return FuncAnimation(fig, frame, frames=len(frames), blit=False, repeat=False)
+
+
 # -------------------------------------------------------------- registry
 
 @dataclass(frozen=True)
@@ -1112,6 +1549,13 @@ class FigureKind:
         The group a result must have ("" for a summary only).
     scope : {"file", "folder", "both"}
     help : str
+    also : tuple of str
+        Further groups or datasets (``"truncview/fractions_t"``) it needs.
+    keep : tuple of str
+        Datasets the loader skips by default that this picture reads.
+    suffix : str
+        ``".png"``, or ``".gif"`` for an animation: ``draw`` then returns a
+        ``matplotlib.animation.Animation`` for the caller to save.
     """
 
     name: str
@@ -1119,12 +1563,16 @@ class FigureKind:
     needs: str
     scope: str
     help: str
+    also: tuple = ()
+    keep: tuple = ()
+    suffix: str = ".png"
 
     def applies(self, groups, folder):
         """Whether this picture fits a file (or folder) holding ``groups``."""
         if self.scope == ("file" if folder else "folder"):
             return False
-        return not self.needs or self.needs in groups
+        return (not self.needs or self.needs in groups) and \
+            all(a in groups for a in self.also)
 
 
 FIGURES = {f.name: f for f in (
@@ -1150,6 +1598,14 @@ FIGURES = {f.name: f for f in (
                "extreme NTK eigenvalues against s"),
     FigureKind("sweep", draw_sweep, "", "folder",
                "a summary scalar (--y) against a sweep parameter (--x)"),
+    FigureKind("truncview", draw_truncview, "truncview", "file",
+               "each layer's truncated data, base point and edges in one plane"),
+    FigureKind("truncation-time", draw_truncation_time, "truncview", "file",
+               "collapsed/partly/fixed fractions and spreads per layer against s",
+               also=("truncview/fractions_t",)),
+    FigureKind("animation", draw_animation, "truncview", "file",
+               "a GIF of the data through the layers over training time",
+               keep=("trajectory/theta",), suffix=".gif"),
     FigureKind("data", draw_data, "data", "file",
                "the data with class means"),
 )}

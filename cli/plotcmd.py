@@ -25,13 +25,15 @@ PARTIAL = ".partial"
 PathArg = typer.Argument(..., help="A result file (.h5 or .h5.partial) or a folder of "
                                    "result files (a sweep).", show_default=False)
 OutOpt = typer.Option(None, "--out", "-o",
-                      help="PNG to write (with --what all: a folder). Default: next to "
-                           "the input, FILE-<what>.png, or FOLDER/<what>.png.")
+                      help="PNG to write (.gif for --what animation; with --what all: a "
+                           "folder). Default: next to the input, FILE-<what>.png "
+                           "(.gif), or FOLDER/<what>.png.")
 WhatOpt = typer.Option(
     None, "--what", "-w",
     help="Figure to draw, or 'all' for every figure that applies. Files: layers, "
          "patterns, data (construct); flow, cost, outputs, ntk (flow); trap, bound "
-         "(trap); collapse, effective (collapse). Folders: sweep, and flow, cost, "
+         "(trap); collapse, effective (collapse); truncview, truncation-time, animation "
+         "(a GIF) (dlmin truncate -o files and truncate results). Folders: sweep, and flow, cost, "
          "outputs, ntk with one curve per run. Default: the first that applies.")
 XOpt = typer.Option(None, "--x",
                     help="Sweep figure: horizontal axis, a swept parameter (default "
@@ -48,6 +50,7 @@ class Entry:
     path: Path
     attrs: dict
     groups: set = field(default_factory=set)
+    datasets: set = field(default_factory=set)
 
 
 @dataclass
@@ -76,7 +79,9 @@ def register(app):
 
         source = open_source(path)
         names = choose(figures.FIGURES, source, what, x, y)
-        targets = output_paths(source, names, out, many=what == "all")
+        suffixes = [figures.FIGURES[n].suffix for n in names]
+        targets = output_paths(source, names, out, many=what == "all",
+                               suffixes=suffixes)
         written = 0
         for name, target in zip(names, targets):
             kind = figures.FIGURES[name]
@@ -132,16 +137,16 @@ def inventory(path):
 
     from dlmin.core.store import _decode
 
-    groups = set()
+    groups, datasets = set(), set()
     try:
         with h5py.File(path, "r") as f:
             attrs = {k: _decode(v) for k, v in f.attrs.items()}
-            f.visititems(lambda name, node: groups.add(name)
-                         if isinstance(node, h5py.Group) else None)
+            f.visititems(lambda name, node: (groups if isinstance(node, h5py.Group)
+                                             else datasets).add(name))
     except OSError as exc:
         fail_usage(f"{path}: not a readable HDF5 result file ({exc}); a file still "
                    "being written may be locked until its run ends")
-    return Entry(path, attrs, groups)
+    return Entry(path, attrs, groups, datasets)
 
 
 def load_for(kind, source):
@@ -153,26 +158,74 @@ def load_for(kind, source):
     if left and source.several:
         err_console.print(f"note: {left} file(s) without {kind.needs}/ left out",
                           soft_wrap=True, markup=False)
-    return [load(e.path) for e in chosen]
+    keep = getattr(kind, "keep", ())
+    results = [load(e.path, keep) for e in chosen]
+    if kind.needs == "truncview":
+        results = [borrow_source(r, e.path, keep) for r, e in zip(results, chosen)]
+    return results
 
 
-def load(path):
-    """Like :func:`dlmin.core.store.load`, without the datasets in SKIP_DATASETS."""
+def load(path, keep=()):
+    """Like :func:`dlmin.core.store.load`, without the datasets in SKIP_DATASETS
+    (those named in ``keep`` excepted)."""
     import h5py
 
+    skip = tuple(d for d in SKIP_DATASETS if d not in keep)
     with h5py.File(path, "r") as f:
-        return _read_group(f, h5py)
+        return _read_group(f, h5py, skip)
 
 
-def _read_group(node, h5py):
+BORROWED = ("data", "network", "trajectory")  # what a truncate file may take from its source
+
+
+def borrow_source(res, path, keep=()):
+    """A ``dlmin truncate -o`` file completed by the groups of the result it viewed.
+
+    Such a file holds ``truncview/`` only; its ``source`` attribute names the
+    result file (absolute, or relative to the working folder or to the file).
+    When that file exists, holds ``data/X`` with as many rows as the view has
+    labels, and the labels agree, its ``data/``, ``network/`` and
+    ``trajectory/`` groups fill in the ones this file lacks. Otherwise the
+    result is returned as it is.
+    """
+    import numpy as np
+
+    if all(g in res for g in BORROWED):
+        return res
+    name = res.get("attrs", {}).get("source")
+    if not isinstance(name, str) or not name.endswith((".h5", ".h5" + PARTIAL)):
+        return res
+    candidates = [Path(name)] + ([path.parent / name] if not Path(name).is_absolute()
+                                 else [])
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None or found.resolve() == path.resolve():
+        return res
+    try:
+        other = load(found, keep)
+    except OSError:
+        return res
+    X = other.get("data", {}).get("X")
+    labels = np.asarray(res.get("truncview", {}).get("labels", []))
+    if X is None or np.shape(X)[0] != labels.size or not np.array_equal(
+            np.asarray(other["data"].get("labels", labels)).astype(int),
+            labels.astype(int)):
+        return res
+    merged = dict(res)
+    for g in BORROWED:
+        if g not in merged and g in other:
+            merged[g] = other[g]
+    return merged
+
+
+def _read_group(node, h5py, skip=SKIP_DATASETS):
     from dlmin.core.store import _decode
 
     out = {"attrs": {k: _decode(v) for k, v in node.attrs.items()}}
     for name, child in node.items():
-        if child.name.lstrip("/") in SKIP_DATASETS:
+        if child.name.lstrip("/") in skip:
             continue
         if isinstance(child, h5py.Group):
-            out[name] = _read_group(child, h5py)
+            out[name] = _read_group(child, h5py, skip)
         elif h5py.check_string_dtype(child.dtype) or child.dtype.kind in "OS":
             out[name] = child.asstr()[()]
         else:
@@ -206,7 +259,7 @@ def choose(catalog, source, what, x, y):
 
 
 def _fits(kind, source):
-    groups = set().union(*(e.groups for e in source.entries))
+    groups = set().union(*(e.groups | e.datasets for e in source.entries))
     if not kind.applies(groups, source.several):
         return False
     return bool(kind.needs) or any(isinstance(e.attrs.get("summary"), dict)
@@ -217,6 +270,9 @@ def _default(source, fits):
     if not fits:
         fail_usage(f"{source.path}: no figure applies to it (groups found: "
                    f"{', '.join(sorted(source.entries[0].groups)) or 'none'})")
+    if not source.several and source.entries[0].attrs.get("kind") == "truncate" \
+            and "truncview" in fits:
+        return "truncview"
     if source.several:
         everyone = all("trajectory" in e.groups for e in source.entries)
         return "flow" if everyone and "flow" in fits else (
@@ -233,13 +289,18 @@ def _why_not(kind, source):
     if not kind.needs:
         return "no file has a summary (partial files get theirs when they finish)"
     where = "any file" if source.several else "the file"
+    groups = set().union(*(e.groups | e.datasets for e in source.entries))
+    if kind.needs in groups:
+        missing = ", ".join(a for a in kind.also if a not in groups)
+        return f"no {missing} in {where} (that figure shows {kind.help})"
     return f"no {kind.needs}/ group in {where} (that figure shows {kind.help})"
 
 
-def output_paths(source, names, out, many):
+def output_paths(source, names, out, many, suffixes=None):
     """Where each figure goes: ``-o`` (a folder with ``--what all``) or by the input."""
-    if out is not None and not many and out.suffix.lower() != ".png":
-        fail_usage(f"--out {out}: expected a path ending in .png")
+    suffixes = suffixes or [".png"] * len(names)
+    if out is not None and not many and out.suffix.lower() != suffixes[0]:
+        fail_usage(f"--out {out}: expected a path ending in {suffixes[0]}")
     if out is not None and many and out.suffix:
         fail_usage(f"--out {out}: with --what all, --out is a folder for the figures")
     if out is not None and not many:
@@ -250,7 +311,7 @@ def output_paths(source, names, out, many):
     else:
         folder, stem = out or source.path.parent, _stem(source.path) + "-"
     folder.mkdir(parents=True, exist_ok=True)
-    return [folder / f"{stem}{name}.png" for name in names]
+    return [folder / f"{stem}{name}{suffix}" for name, suffix in zip(names, suffixes)]
 
 
 def _stem(path):
@@ -272,11 +333,21 @@ def render(kind, results, target, options):
     from matplotlib.figure import Figure
     from threadpoolctl import threadpool_limits
 
-    from .figures import STYLE
+    from .figures import ANIMATION_DPI, ANIMATION_FPS, STYLE
 
     with matplotlib.style.context(STYLE, after_reset=True), \
             threadpool_limits(limits=BLAS_THREADS, user_api="blas"):
         fig = Figure(dpi=DPI, layout="constrained")
         FigureCanvasAgg(fig)
-        kind.draw(fig, results, **options)
-        fig.savefig(target, format="png", dpi=DPI, metadata={"Software": None})
+        drawn = kind.draw(fig, results, **options)
+        if getattr(kind, "suffix", ".png") == ".gif":
+            save_gif(drawn, target, ANIMATION_FPS, ANIMATION_DPI)
+        else:
+            fig.savefig(target, format="png", dpi=DPI, metadata={"Software": None})
+
+
+def save_gif(animation, target, fps, dpi):
+    """Write ``animation`` as a looping GIF (Pillow: no time stamp in the file)."""
+    from matplotlib.animation import PillowWriter
+
+    animation.save(target, writer=PillowWriter(fps=fps), dpi=dpi)

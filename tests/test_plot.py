@@ -294,3 +294,164 @@ def test_trap_files_with_flat_interval_columns_plot_too(results, tmp_path):
         w.finish()
     paths = written(invoke("plot", flat, "--what", "all"))
     assert [p.rsplit("-", 1)[1] for p in paths] == ["trap.png", "bound.png"]
+
+
+# ------------------------------------------------------------- truncview
+
+TV_SPEC = """\
+defaults:
+  seed: 2
+experiments:
+  - name: q3
+    kind: construct
+    data: {source: clusters, classes: 3, dim: 3, points: 8, radius: 0.05}
+  - name: q4-m5
+    kind: construct
+    data: {source: clusters, classes: 4, dim: 5, points: 6, radius: 0.05}
+"""
+GIF_SIGNATURE = b"GIF89a"
+
+
+def write_relu_flow(path, T=6):
+    """A flow-like result: data, final network and a drifting recorded orbit."""
+    from dlmin.core import network, store
+
+    rng = np.random.default_rng(0)
+    widths = [3, 3, 2, 2]
+    labels = np.repeat(np.arange(2), 10)
+    X = 0.3 * rng.normal(size=(20, 3)) + np.where(labels[:, None] == 0, 1.0, -1.0)
+    theta0 = network.flatten(network.init_params(widths, rng=rng))
+    drift = rng.normal(size=theta0.shape)
+    thetas = np.array([theta0 + 0.1 * t * drift for t in range(T)])
+    with _writer(path, "flow") as w:
+        w.array("data", "X", X)
+        w.array("data", "labels", labels)
+        store.store_layers(w, "network", network.unflatten(thetas[-1], widths))
+        for theta, s in zip(thetas, np.linspace(0.0, 2.0, T)):
+            w.append("trajectory", "theta", theta)
+            w.append("trajectory", "s", np.float64(s))
+        w.finish()
+    return path
+
+
+def write_fractions_only(path, T=5, L=2, Q=2):
+    """A truncview/ group by hand: one layer view in R^4 and fractions over time."""
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(Q), 6)
+    n = labels.size
+    with _writer(path, "truncate") as w:
+        w.array("truncview", "labels", labels)
+        w.array("truncview", "rows", np.arange(n))
+        for ell in range(1, L + 1):
+            w.array("truncview", f"base_point_{ell}", rng.normal(size=4))
+            w.array("truncview", f"edges_{ell}", rng.normal(size=(3, 4)))
+            w.array("truncview", f"truncated_{ell}", rng.normal(size=(n, 4)))
+            w.array("truncview", f"state_{ell}", rng.integers(0, 3, n))
+            w.array("truncview", f"local_state_{ell}", rng.integers(0, 3, n))
+        collapsed = np.linspace(0, 1, T)[:, None, None] * np.ones((1, L, Q))
+        F = np.stack([collapsed, 0 * collapsed, 1 - collapsed], axis=-1)
+        w.array("truncview", "fractions", F[-1])
+        w.array("truncview", "spread", np.ones((L, Q)))
+        w.array("truncview", "fractions_t", F)
+        w.array("truncview", "spread_t", np.exp(-np.arange(T))[:, None, None]
+                * np.ones((1, L, Q)))
+        w.array("truncview", "s", np.linspace(0.0, 4.0, T))
+        w.finish()
+    return path
+
+
+@pytest.fixture(scope="module")
+def views(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("truncview")
+    built = invoke("construct", write_spec(tmp, TV_SPEC), "-o", tmp / "out", "-q")
+    assert built.exit_code == 0, built.output
+    out = {}
+    for name in ("q3", "q4-m5"):
+        out[name] = tmp / f"{name}-view.h5"
+        done = invoke("truncate", tmp / "out" / name / "run.h5", "-o", out[name])
+        assert done.exit_code == 0, done.output
+    out["construct"] = tmp / "out" / "q3" / "run.h5"
+    out["flow"] = write_relu_flow(tmp / "flow.h5")
+    out["flow-view"] = tmp / "flow-view.h5"
+    done = invoke("truncate", out["flow"], "--time", "all", "-o", out["flow-view"])
+    assert done.exit_code == 0, done.output
+    out["fractions"] = write_fractions_only(tmp / "fractions.h5")
+    return out
+
+
+@pytest.mark.parametrize("key,what", [
+    ("q3", "truncview"), ("q4-m5", "truncview"), ("flow-view", "truncview"),
+    ("flow-view", "truncation-time"), ("fractions", "truncview"),
+    ("fractions", "truncation-time"),
+])
+def test_truncview_figures_render(views, tmp_path, key, what):
+    target = tmp_path / f"{key}-{what}.png"
+    paths = written(invoke("plot", views[key], "--what", what, "-o", target))
+    assert paths == [str(target)]
+    data = target.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) < 400_000
+    again = tmp_path / "again.png"
+    written(invoke("plot", views[key], "--what", what, "-o", again))
+    assert again.read_bytes() == data
+
+
+def test_truncview_is_the_default_and_uses_the_source_data(views):
+    from matplotlib.figure import Figure
+
+    from dlmin.cli import figures
+
+    paths = written(invoke("plot", views["q3"]))
+    assert paths == [str(views["q3"].with_name("q3-view-truncview.png"))]
+    res = plotcmd.borrow_source(plotcmd.load(views["q3"]), views["q3"])
+    assert "X" in res["data"] and "network" in res
+    fig = Figure()
+    figures.draw_truncview(fig, [res])
+    # input + 3 layers + the outputs in R^3 (a 3-D panel)
+    assert len(fig.axes) == 5 and fig.axes[-1].name == "3d"
+    assert "principal components of the data" in fig.get_suptitle()
+    fig = Figure()
+    figures.draw_truncview(fig, [plotcmd.load(views["fractions"])])
+    assert len(fig.axes) == 2 and "no data/X" in fig.get_suptitle()
+
+
+def test_animation_writes_a_small_deterministic_gif(views, tmp_path):
+    from PIL import Image
+
+    paths = written(invoke("plot", views["flow-view"], "--what", "animation"))
+    target = views["flow-view"].with_name("flow-view-animation.gif")
+    assert paths == [str(target)]
+    data = target.read_bytes()
+    assert data.startswith(GIF_SIGNATURE) and 0 < len(data) < 2_000_000
+    with Image.open(target) as im:
+        assert 1 < im.n_frames <= 40
+    again = tmp_path / "again.gif"
+    written(invoke("plot", views["flow-view"], "--what", "animation", "-o", again))
+    assert again.read_bytes() == data
+
+
+def test_animation_frames_are_at_most_forty():
+    from dlmin.cli import figures
+
+    frames = figures.animation_frames(1000)
+    assert len(frames) == 40 and frames[0] == 0 and frames[-1] == 999
+    assert list(figures.animation_frames(3)) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("key,what,needle", [
+    ("construct", "truncview", "no truncview/ group"),
+    ("flow", "animation", "no truncview/ group"),
+    ("q3", "truncation-time", "no truncview/fractions_t"),
+    ("q3", "animation", "no trajectory/theta"),
+])
+def test_truncview_figures_not_applicable_exit_2(views, key, what, needle):
+    result = invoke("plot", views[key], "--what", what)
+    assert result.exit_code == 2
+    assert "nothing to plot" in result.stderr and needle in result.stderr, result.stderr
+
+
+def test_animation_wants_a_gif_and_all_skips_what_is_missing(views, tmp_path):
+    result = invoke("plot", views["flow-view"], "--what", "animation",
+                    "-o", tmp_path / "a.png")
+    assert result.exit_code == 2 and ".gif" in result.stderr
+    paths = written(invoke("plot", views["q3"], "--what", "all", "-o", tmp_path / "f"))
+    assert [p.rsplit("-", 1)[1] for p in paths] == ["truncview.png"]
