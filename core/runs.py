@@ -84,8 +84,7 @@ def base_summary(run, status="ok", message=""):
 
 def skipped_summary(run):
     """Summary of a run already complete on disk, read back from its file."""
-    attrs = store.root_attrs(run.path)
-    summary = attrs.get("summary") or {}
+    summary = store.root_attr(run.path, "summary") or {}
     summary = dict(summary) if isinstance(summary, dict) else {}
     wall = summary.get("wall_time")
     summary.update(base_summary(run, "skipped", "complete result with the same spec exists"))

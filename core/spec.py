@@ -529,8 +529,8 @@ class Run:
         Output file, ``<out>/<experiment>/<run_id>.h5``.
     spec_hash : str
         Hash of everything that determines the result.
-    spec_text : str
-        The run's resolved configuration as YAML.
+    resolved : dict
+        The run's resolved configuration (``spec_text`` is it as YAML).
     """
 
     experiment: str
@@ -542,9 +542,15 @@ class Run:
     run_key: int
     path: Path
     spec_hash: str
-    spec_text: str
+    resolved: dict
     source_text: str = ""
     spec_file: str = ""
+
+    @property
+    def spec_text(self):
+        """The run's resolved configuration as YAML (made when a file is written)."""
+        dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+        return yaml.dump(self.resolved, Dumper=dumper, sort_keys=False)
 
     def rng(self, purpose="run"):
         """Random stream of this run for one purpose.
@@ -886,7 +892,7 @@ def _expand(spec, merged, out_dir):
             config=config, seed=config.seed, run_key=run_key(config.name, point),
             path=out_dir / config.name / f"{run_id}.h5",
             spec_hash=spec_hash(resolved, Path(spec.file).parent),
-            spec_text=yaml.safe_dump(resolved, sort_keys=False),
+            resolved=resolved,
             source_text=spec.text, spec_file=spec.file,
         ))
     return runs

@@ -186,17 +186,25 @@ def _decode(value):
     return value
 
 
+def root_attr(path, name, default=None):
+    """One root attribute of a result file (JSON decoded), without reading the rest."""
+    with h5py.File(path, "r") as f:
+        return _decode(f.attrs[name]) if name in f.attrs else default
+
+
 def is_done(path, spec_hash):
     """Whether ``path`` is a complete, successful result of the same spec."""
     path = Path(path)
     if not path.exists():
         return False
     try:
-        attrs = root_attrs(path)
+        with h5py.File(path, "r") as f:
+            attrs = f.attrs
+            return bool(attrs.get("complete", False)) and \
+                _decode(attrs.get("status")) == "ok" and \
+                _decode(attrs.get("spec_hash")) == spec_hash
     except OSError:
         return False
-    return bool(attrs.get("complete")) and attrs.get("status") == "ok" and \
-        attrs.get("spec_hash") == spec_hash
 
 
 def load(path):
