@@ -119,9 +119,7 @@ def run_pool(runs, workers, force=False):
     attempts = {id(r): 0 for r in pending}
     ctx = multiprocessing.get_context(START_METHOD)
     while pending:
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
-                                   initializer=_limit_threads)
-        futures = {pool.submit(_execute_in_worker, run, force): run for run in pending}
+        pool, futures = _start_pool(ctx, workers, pending, force)
         pending = []
         try:
             for summary, run in _drain(futures):
@@ -135,6 +133,22 @@ def run_pool(runs, workers, force=False):
                     pending.append(run)
         finally:
             pool.shutdown(wait=not pending, cancel_futures=True)
+
+
+def _start_pool(ctx, workers, runs, force):
+    """A pool with every run submitted, its workers limited to one BLAS thread.
+
+    Forked workers inherit the BLAS thread count the driver has while they
+    start, so the limit is set around the start instead of in every worker.
+    """
+    from threadpoolctl import threadpool_limits
+
+    initializer = None if ctx.get_start_method() == "fork" else _limit_threads
+    with threadpool_limits(BLAS_THREADS):
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                   initializer=initializer)
+        futures = {pool.submit(_execute_in_worker, run, force): run for run in runs}
+    return pool, futures
 
 
 def _drain(futures):
