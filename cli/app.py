@@ -10,14 +10,22 @@ import sys
 
 import typer
 
-from . import (collapsecmd, gathercmd, plotcmd, predictcmd, runcmd, showcmd,
-               speccmd, truncatecmd)
+from . import (
+    collapsecmd,
+    gathercmd,
+    plotcmd,
+    predictcmd,
+    runcmd,
+    showcmd,
+    speccmd,
+    truncatecmd,
+)
 from .common import EXIT_INTERRUPTED, err_console
 
 app = typer.Typer(
     name="dlmin",
     help="Explicit minimizers, gradient flows, trapping and neural collapse of ReLU "
-         "networks, as experiments you can run, sweep, store and inspect.",
+    "networks, as experiments you can run, sweep, store and inspect.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -43,8 +51,15 @@ def _version(value: bool):
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version,
-                                       is_eager=True, help="Print the version and exit.")):
+def _root(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_version,
+        is_eager=True,
+        help="Print the version and exit.",
+    ),
+):
     """Explicit minimizers, gradient flows, trapping and neural collapse."""
 
 

@@ -74,8 +74,12 @@ def emit_row(summary, as_json):
         if cost is None and summary.get("nc1") is not None:
             cost, kind = summary["nc1"], "nc1"
         cost_text = f"{kind}={cost:.3e}" if cost is not None else "-"
-        fields = [summary["path"], summary["status"],
-                  f"{summary['experiment']}/{summary['run_id']}", cost_text]
+        fields = [
+            summary["path"],
+            summary["status"],
+            f"{summary['experiment']}/{summary['run_id']}",
+            cost_text,
+        ]
         sys.stdout.write("\t".join(fields) + "\n")
     sys.stdout.flush()
 
@@ -95,12 +99,22 @@ def run_progress(total, quiet):
     if not show_progress(quiet):
         yield (lambda text: None), (lambda: None), None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
-        TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
-    progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                        MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=err_console, transient=True)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    )
     with progress:
         runs = progress.add_task("runs", total=total)
         step = progress.add_task("", total=1, visible=False)

@@ -34,10 +34,19 @@ CAMERA_TILT = 25.0  # degrees below face-on, so that 3-D clouds keep some depth
 ROUNDING_LEVEL = 1e-8  # positive values all below this are drawn on a log axis
 
 STYLE = {
-    "figure.dpi": 100, "savefig.dpi": 100, "font.size": 9, "axes.titlesize": 9,
-    "axes.labelsize": 9, "legend.fontsize": 8, "xtick.labelsize": 8,
-    "ytick.labelsize": 8, "lines.linewidth": 1.4, "axes.grid": True,
-    "grid.alpha": 0.3, "legend.framealpha": 0.85, "image.cmap": "viridis",
+    "figure.dpi": 100,
+    "savefig.dpi": 100,
+    "font.size": 9,
+    "axes.titlesize": 9,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "lines.linewidth": 1.4,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "legend.framealpha": 0.85,
+    "image.cmap": "viridis",
 }
 
 
@@ -46,6 +55,7 @@ class PlotError(ValueError):
 
 
 # --------------------------------------------------------------- lookups
+
 
 def group(res, path):
     """The nested group ``path`` (e.g. ``"trap/intervals"``) of a result, or None."""
@@ -89,8 +99,11 @@ def partial_note(res):
         return ""
     status = a.get("status") or "incomplete"
     s = last_time(res)
-    return f"(partial: {status} at s = {s:.4g})" if s is not None else \
-        f"(partial: {status}, nothing recorded yet)"
+    return (
+        f"(partial: {status} at s = {s:.4g})"
+        if s is not None
+        else f"(partial: {status}, nothing recorded yet)"
+    )
 
 
 def title(fig, results, subject):
@@ -122,16 +135,21 @@ def run_labels(results):
         The varying keys (a legend title), or ``""`` when labels are run ids.
     """
     points = [r["attrs"].get("point") or {} for r in results]
-    keys = [k for k in _ordered_keys(points)
-            if len({repr(p.get(k)) for p in points}) > 1]
+    keys = [
+        k for k in _ordered_keys(points) if len({repr(p.get(k)) for p in points}) > 1
+    ]
     if keys:
         labels = [", ".join(str(p.get(k)) for k in keys) for p in points]
         heading = ", ".join(keys)
     else:
-        labels, heading = [str(r["attrs"].get("run_id", i)) for i, r in
-                           enumerate(results)], ""
-    return [lab + (" (partial)" if not r["attrs"].get("complete", True) else "")
-            for lab, r in zip(labels, results)], heading
+        labels, heading = (
+            [str(r["attrs"].get("run_id", i)) for i, r in enumerate(results)],
+            "",
+        )
+    return [
+        lab + (" (partial)" if not r["attrs"].get("complete", True) else "")
+        for lab, r in zip(labels, results)
+    ], heading
 
 
 def _ordered_keys(points):
@@ -153,6 +171,7 @@ def _color(i):
 
 
 # ------------------------------------------------------------- construct
+
 
 @dataclass
 class View:
@@ -189,8 +208,10 @@ class View:
         return np.asarray(V, dtype=float) @ self.basis
 
     def axis_labels(self):
-        return [f"$u_{i + 1}$" if self.projected else f"$x_{i + 1}$"
-                for i in range(self.dim)]
+        return [
+            f"$u_{i + 1}$" if self.projected else f"$x_{i + 1}$"
+            for i in range(self.dim)
+        ]
 
     def camera(self, X):
         """``(elev, azim)`` in degrees that show the points ``X`` (n, M) face-on.
@@ -311,15 +332,21 @@ def _draw_cone(ax, view, apex, axis, theta, length, color):
         _segment(ax, p, p + length * g, color=color, lw=0.7, ls="--", alpha=0.8)
     if view.dim == 3:
         ring = _generators(h, half, 48)
-        ax.plot(*(p + length * np.vstack([ring, ring[:1]])).T, color=color, lw=0.6,
-                alpha=0.6)
+        ax.plot(
+            *(p + length * np.vstack([ring, ring[:1]])).T,
+            color=color,
+            lw=0.6,
+            alpha=0.6,
+        )
 
 
 def _generators(h, half, count):
     """Unit vectors at angle ``half`` from the unit vector ``h`` (2-D: the two rays)."""
     if h.size == 2:
-        rot = [np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
-               for a in (half, -half)]
+        rot = [
+            np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+            for a in (half, -half)
+        ]
         return np.stack([R @ h for R in rot])
     e1 = np.cross(h, np.eye(3)[np.argmin(np.abs(h))])
     e1 /= np.linalg.norm(e1)
@@ -355,23 +382,46 @@ def draw_layers(fig, results):
     for ell, P in enumerate(clouds[:-1]):
         ax = _new_panel(fig, view, nrows, ncols, ell + 1, limits, camera)
         for c in range(Q):
-            _scatter(ax, P[labels == c], s=6, color=_color(c), alpha=0.8, lw=0,
-                     label=f"class {c}")
+            _scatter(
+                ax,
+                P[labels == c],
+                s=6,
+                color=_color(c),
+                alpha=0.8,
+                lw=0,
+                label=f"class {c}",
+            )
         done = order[:ell]
         if done:
-            _scatter(ax, view.points(apexes[done]), s=110, marker="*",
-                     c=[_color(j) for j in done], edgecolors="k", linewidths=0.6,
-                     label="apex (class collapsed)", zorder=5)
+            _scatter(
+                ax,
+                view.points(apexes[done]),
+                s=110,
+                marker="*",
+                c=[_color(j) for j in done],
+                edgecolors="k",
+                linewidths=0.6,
+                label="apex (class collapsed)",
+                zorder=5,
+            )
             j = done[-1]
             if cones[ell - 1] is not None:
                 _draw_cone(ax, view, apexes[j], *cones[ell - 1], length, _color(j))
-        ax.set_title("input" if ell == 0 else
-                     f"after layer {ell}: class {order[ell - 1]} → apex", fontsize=8)
+        ax.set_title(
+            "input"
+            if ell == 0
+            else f"after layer {ell}: class {order[ell - 1]} → apex",
+            fontsize=8,
+        )
     handles, texts = ax.get_legend_handles_labels()
     fig.legend(handles, texts, loc="outside lower center", ncols=len(texts), fontsize=8)
     where = "projected onto the class means' span" if view.projected else ""
-    title(fig, results, f"truncation layers ({res['attrs'].get('method', 'construct')})"
-          + (f", {where}" if where else ""))
+    title(
+        fig,
+        results,
+        f"truncation layers ({res['attrs'].get('method', 'construct')})"
+        + (f", {where}" if where else ""),
+    )
 
 
 def _cones(res, order):
@@ -384,8 +434,10 @@ def _cones(res, order):
     sls = group(res, "sls")
     if sls is not None and "hyperplanes" in sls and "theta" in sls:
         H, theta = np.atleast_2d(sls["hyperplanes"]), np.atleast_1d(sls["theta"])
-        return [(H[k, :-1], float(theta[k])) if k < len(H) else None
-                for k in range(len(order))]
+        return [
+            (H[k, :-1], float(theta[k])) if k < len(H) else None
+            for k in range(len(order))
+        ]
     metrics = res.get("metrics", {})
     f, theta = metrics.get("f"), metrics.get("attrs", {}).get("theta_star")
     if f is None:
@@ -420,13 +472,33 @@ def draw_data(fig, results):
     camera = view.camera(X) if view.dim == 3 else None
     ax = _new_panel(fig, view, 1, 1, 1, limits, camera)
     for c in range(Q):
-        _scatter(ax, P[labels == c], s=8, color=_color(c), alpha=0.8, lw=0,
-                 label=f"class {c} ({int(np.sum(labels == c))})")
-    _scatter(ax, view.points(means), s=70, marker="X", c=[_color(c) for c in present],
-             edgecolors="k", linewidths=0.6, label="class means", zorder=5)
+        _scatter(
+            ax,
+            P[labels == c],
+            s=8,
+            color=_color(c),
+            alpha=0.8,
+            lw=0,
+            label=f"class {c} ({int(np.sum(labels == c))})",
+        )
+    _scatter(
+        ax,
+        view.points(means),
+        s=70,
+        marker="X",
+        c=[_color(c) for c in present],
+        edgecolors="k",
+        linewidths=0.6,
+        label="class means",
+        zorder=5,
+    )
     ax.legend(loc="best", fontsize=7)
-    title(fig, results, f"data, {X.shape[0]} points in R^{X.shape[1]}"
-          + (" (projected onto the class means' span)" if view.projected else ""))
+    title(
+        fig,
+        results,
+        f"data, {X.shape[0]} points in R^{X.shape[1]}"
+        + (" (projected onto the class means' span)" if view.projected else ""),
+    )
 
 
 def draw_patterns(fig, results):
@@ -439,11 +511,18 @@ def draw_patterns(fig, results):
     certified = np.asarray(pat.get("certified", np.ones(len(names), bool)), dtype=bool)
     fig.set_size_inches(max(5.0, 0.55 * len(names) + 2.5), 4.0)
     ax = fig.add_subplot()
-    for k, (key, text) in enumerate((("cost_no_intercept", "no output bias"),
-                                     ("cost_intercept", "with output bias"))):
+    for k, (key, text) in enumerate((
+        ("cost_no_intercept", "no output bias"),
+        ("cost_intercept", "with output bias"),
+    )):
         if key in pat:
-            bars = ax.bar(x + (k - 0.5) * 0.38, _positive(pat[key]), 0.38,
-                          color=_color(k), label=text)
+            bars = ax.bar(
+                x + (k - 0.5) * 0.38,
+                _positive(pat[key]),
+                0.38,
+                color=_color(k),
+                label=text,
+            )
             for bar, ok in zip(bars, certified):
                 if not ok:
                     bar.set_hatch("///")
@@ -452,18 +531,32 @@ def draw_patterns(fig, results):
     ax.set_xlabel("pattern (class 0 first; C = collapsed to its apex, K = kept)")
     ax.set_ylabel("cost $C_N$")
     if not certified.all():
-        ax.bar([np.nan], [np.nan], color="w", edgecolor="k", hatch="///",
-               label="not certified")
+        ax.bar(
+            [np.nan],
+            [np.nan],
+            color="w",
+            edgecolor="k",
+            hatch="///",
+            label="not certified",
+        )
     ax.legend(loc="best")
     check = res.get("metrics", {}).get("attrs", {}).get("local_min_passed")
     if check is not None:
         verdict = "passed (local minimum)" if check else "failed"
-        ax.text(0.99, 0.98, f"all-keep pattern: perturbation check {verdict}",
-                ha="right", va="top", transform=ax.transAxes, fontsize=7)
+        ax.text(
+            0.99,
+            0.98,
+            f"all-keep pattern: perturbation check {verdict}",
+            ha="right",
+            va="top",
+            transform=ax.transAxes,
+            fontsize=7,
+        )
     title(fig, results, "collapse/keep family")
 
 
 # ------------------------------------------------------------------ flow
+
 
 def _trajectory(res):
     traj = need(res, "trajectory", "a flow run")
@@ -489,17 +582,29 @@ def _cost_panel(ax, results, labels, heading):
     for i, (res, lab) in enumerate(zip(results, labels)):
         traj = _trajectory(res)
         s, cost = np.asarray(traj["s"], float), _positive(traj["cost"])
-        ax.plot(s, cost, color=_color(i), label=lab,
-                marker="." if s.size < 30 else None)
+        ax.plot(
+            s, cost, color=_color(i), label=lab, marker="." if s.size < 30 else None
+        )
         if _is_l2(res) and np.isfinite(cost[0]):
             refs.add((float(cost[0]), _n_samples(res), float(s[-1])))
         if _rank_lost(traj) and np.isfinite(cost[-1]):
-            ax.axhline(cost[-1], color=_color(i), ls=":", lw=1,
-                       label=f"final cost {cost[-1]:.4g} (rank D < QN)")
+            ax.axhline(
+                cost[-1],
+                color=_color(i),
+                ls=":",
+                lw=1,
+                label=f"final cost {cost[-1]:.4g} (rank D < QN)",
+            )
     for k, (c0, N, s_end) in enumerate(sorted(refs)):
         grid = np.linspace(0.0, s_end, 200)
-        ax.plot(grid, c0 * np.exp(-2 * grid / N), color=REFERENCE_COLOR, ls="--", lw=1,
-                label=f"$C(0)\\,e^{{-2s/N}}$, N = {N}" if k == 0 else None)
+        ax.plot(
+            grid,
+            c0 * np.exp(-2 * grid / N),
+            color=REFERENCE_COLOR,
+            ls="--",
+            lw=1,
+            label=f"$C(0)\\,e^{{-2s/N}}$, N = {N}" if k == 0 else None,
+        )
     ax.set_yscale("log")
     ax.set_xlabel("s (flow time)")
     kinds = {_cost_name(r) for r in results}
@@ -554,8 +659,9 @@ def _output_panel(ax, results, labels, heading):
         Z.append(np.asarray(_trajectory(res)["x"], dtype=float) - ref)
         names.add(name)
     if len({z.shape[1] for z in Z}) > 1:
-        raise PlotError("the runs have outputs of different sizes; plot them one "
-                        "by one")
+        raise PlotError(
+            "the runs have outputs of different sizes; plot them one by one"
+        )
     basis, share = _residual_plane(np.vstack(Z), Z[0][0])
     target = names.pop() if len(names) == 1 else "target"
     for i, (z, lab) in enumerate(zip(Z, labels)):
@@ -564,8 +670,14 @@ def _output_panel(ax, results, labels, heading):
         ax.plot(*P[0], "o", color=_color(i), ms=5)
     starts = {tuple(np.round(z[0] @ basis, 12)) for z in Z}
     for k, start in enumerate(sorted(starts)):
-        ax.plot([start[0], 0], [start[1], 0], color=REFERENCE_COLOR, ls="--", lw=1,
-                label=f"straight line x(0) → {target}" if k == 0 else None)
+        ax.plot(
+            [start[0], 0],
+            [start[1], 0],
+            color=REFERENCE_COLOR,
+            ls="--",
+            lw=1,
+            label=f"straight line x(0) → {target}" if k == 0 else None,
+        )
     ax.plot(0, 0, "*", color="k", ms=11, label=target, zorder=5)
     ax.set_aspect("equal", adjustable="datalim")
     dims = Z[0].shape[1]
@@ -594,7 +706,7 @@ def _residual_plane(Z, z0):
     for k in range(2):
         if z0 @ basis[:, k] < 0:
             basis[:, k] *= -1
-    energy = sv ** 2
+    energy = sv**2
     total = energy.sum()
     return basis, energy[:2] / total if total > 0 else np.zeros(2)
 
@@ -606,8 +718,10 @@ def _ntk_panel(ax, results, labels, heading):
     for i, (res, lab) in enumerate(zip(results, labels)):
         traj = _trajectory(res)
         s = np.asarray(traj["s"], dtype=float)
-        lo, hi = (_positive(traj.get(k, np.full(s.shape, np.nan))) for k in
-                  ("ntk_min", "ntk_max"))
+        lo, hi = (
+            _positive(traj.get(k, np.full(s.shape, np.nan)))
+            for k in ("ntk_min", "ntk_max")
+        )
         if np.all(np.isnan(hi)):
             continue
         drawn = True
@@ -618,8 +732,9 @@ def _ntk_panel(ax, results, labels, heading):
         if np.any((rank >= 0) & (rank < QN)):
             deficient = True
             twin = twin or ax.twinx()
-            twin.step(s, rank, where="post", color=_color(i), lw=0.9, ls="-.",
-                      alpha=0.8)
+            twin.step(
+                s, rank, where="post", color=_color(i), lw=0.9, ls="-.", alpha=0.8
+            )
             twin.set_ylabel(f"NTK rank (of QN = {QN})")
             twin.set_ylim(0, 1.05 * QN)
             twin.yaxis.get_major_locator().set_params(integer=True)
@@ -633,8 +748,9 @@ def _ntk_panel(ax, results, labels, heading):
     ax.set_yscale("log")
     ax.set_xlabel("s (flow time)")
     ax.set_ylabel("NTK eigenvalue")
-    ax.set_title("extreme NTK eigenvalues"
-                 + (" (λ ≤ 0 not drawn)" if deficient else ""))
+    ax.set_title(
+        "extreme NTK eigenvalues" + (" (λ ≤ 0 not drawn)" if deficient else "")
+    )
     _legend(ax, heading)
 
 
@@ -689,9 +805,14 @@ def draw_ntk(fig, results):
 # ------------------------------------------------------------------ trap
 
 INTERVAL_KEYS = {  # canonical name: the names a trap file may store it under
-    "eps": ("eps",), "s0": ("s0",), "s1": ("s1",), "length": ("length",),
-    "L_U": ("L_U", "arc_length"), "bound": ("bound",),
-    "sharp_bound": ("sharp_bound", "bound_sharp"), "violated": ("violated",),
+    "eps": ("eps",),
+    "s0": ("s0",),
+    "s1": ("s1",),
+    "length": ("length",),
+    "L_U": ("L_U", "arc_length"),
+    "bound": ("bound",),
+    "sharp_bound": ("sharp_bound", "bound_sharp"),
+    "violated": ("violated",),
 }
 
 
@@ -732,8 +853,14 @@ def draw_trap(fig, results):
     ax.plot(s, _positive(r), color="k", lw=1.1, label="r(s) = |Dᵀg| / |g|")
     adapted = "adapted_s" in trap and "adapted_r" in trap
     if adapted:
-        ax.plot(trap["adapted_s"], _positive(trap["adapted_r"]), color="k", lw=1,
-                ls="--", label="r(s), adapted flow")
+        ax.plot(
+            trap["adapted_s"],
+            _positive(trap["adapted_r"]),
+            color="k",
+            lw=1,
+            ls="--",
+            label="r(s), adapted flow",
+        )
     eps = _eps_levels(res)
     for i, e in enumerate(eps):
         ax.axhline(e, color=_color(i), ls=":", lw=1.1, label=f"ε = {e:g}")
@@ -752,8 +879,13 @@ def _cost_twin(ax, s, trap, adapted):
     twin.plot(s, _positive(trap["cost"]), color="0.5", lw=1)
     ax.plot([], [], color="0.5", label="cost (right axis)")
     if adapted and "adapted_cost" in trap:
-        twin.plot(trap["adapted_s"], _positive(trap["adapted_cost"]), color="0.5", lw=1,
-                  ls="--")
+        twin.plot(
+            trap["adapted_s"],
+            _positive(trap["adapted_cost"]),
+            color="0.5",
+            lw=1,
+            ls="--",
+        )
         ax.plot([], [], color="0.5", ls="--", label="cost, adapted flow")
     twin.set_yscale("log")
     twin.set_ylabel("cost")
@@ -792,19 +924,41 @@ def draw_bound(fig, results):
     colors = [_color(_eps_index(eps, e)) for e in iv["eps"]]
     fig.set_size_inches(5.6, 5.0)
     ax = fig.add_subplot()
-    for key, marker, text in (("bound", "o", "N L_U / (ε |x(s₀) − y|)"),
-                              ("sharp_bound", "^", "same with max r on I")):
+    for key, marker, text in (
+        ("bound", "o", "N L_U / (ε |x(s₀) − y|)"),
+        ("sharp_bound", "^", "same with max r on I"),
+    ):
         if key in iv:
-            ax.scatter(length, iv[key], c=colors, marker=marker, s=30, label=text,
-                       edgecolors="k", linewidths=0.4)
+            ax.scatter(
+                length,
+                iv[key],
+                c=colors,
+                marker=marker,
+                s=30,
+                label=text,
+                edgecolors="k",
+                linewidths=0.4,
+            )
     bad = iv["violated"]
     if bad.any():
-        ax.scatter(length[bad], iv["bound"][bad], s=140, facecolors="none",
-                   edgecolors="red", linewidths=1.5, label="violated")
-    top = np.nanmax(np.concatenate([length] + [iv[k].astype(float) for k in
-                                               ("bound", "sharp_bound") if k in iv]))
-    ax.plot([0, top], [0, top], color=REFERENCE_COLOR, ls="--", lw=1,
-            label="|I| = bound")
+        ax.scatter(
+            length[bad],
+            iv["bound"][bad],
+            s=140,
+            facecolors="none",
+            edgecolors="red",
+            linewidths=1.5,
+            label="violated",
+        )
+    top = np.nanmax(
+        np.concatenate(
+            [length]
+            + [iv[k].astype(float) for k in ("bound", "sharp_bound") if k in iv]
+        )
+    )
+    ax.plot(
+        [0, top], [0, top], color=REFERENCE_COLOR, ls="--", lw=1, label="|I| = bound"
+    )
     for i, e in enumerate(eps):
         ax.scatter([], [], color=_color(i), label=f"ε = {e:g}")
     ax.set_xlabel("interval length |I|")
@@ -817,10 +971,23 @@ def draw_bound(fig, results):
 
 FAMILIES = (
     ("NC1: within-class variability", ("nc1", "cdnv", "d_hesu", "trace")),
-    ("NC2: geometry of the class means", ("equinorm", "equiangular", "maxangle", "etf",
-                                          "of_gap", "ortho", "rank", "spectrum")),
-    ("NC3: classifier alignment", ("self_duality", "gram_product", "cos", "bias",
-                                   "nc3")),
+    (
+        "NC2: geometry of the class means",
+        (
+            "equinorm",
+            "equiangular",
+            "maxangle",
+            "etf",
+            "of_gap",
+            "ortho",
+            "rank",
+            "spectrum",
+        ),
+    ),
+    (
+        "NC3: classifier alignment",
+        ("self_duality", "gram_product", "cos", "bias", "nc3"),
+    ),
     ("NC4: nearest class center", ("ncc", "nc4", "accuracy")),
 )
 COLLAPSE_AXES = ("layer", "s", "t", "epoch")
@@ -832,40 +999,60 @@ def draw_collapse(fig, results):
     col = need(res, "collapse", "a collapse run")
     axis_name = next((k for k in COLLAPSE_AXES if k in col), None)
     if axis_name is None:
-        raise PlotError(f"{run_name(res)}: collapse/ has no axis array "
-                        f"({' or '.join(COLLAPSE_AXES)})")
+        raise PlotError(
+            f"{run_name(res)}: collapse/ has no axis array "
+            f"({' or '.join(COLLAPSE_AXES)})"
+        )
     xs = np.asarray(col[axis_name], dtype=float)
-    series = {k: np.asarray(v, dtype=float) for k, v in col.items()
-              if k not in COLLAPSE_AXES and k != "attrs" and _is_series(v, xs.size)}
+    series = {
+        k: np.asarray(v, dtype=float)
+        for k, v in col.items()
+        if k not in COLLAPSE_AXES and k != "attrs" and _is_series(v, xs.size)
+    }
     if not series:
-        raise PlotError(f"{run_name(res)}: collapse/ holds no metric arrays along "
-                        f"{axis_name}")
+        raise PlotError(
+            f"{run_name(res)}: collapse/ holds no metric arrays along {axis_name}"
+        )
     panels = _by_family(series)
     fig.set_size_inches(max(4.4 * len(panels), 6.0), 4.0)
     for k, (name, items) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), k + 1)
         for i, (key, values) in enumerate(items):
-            ax.plot(xs, values, color=_color(i), label=key,
-                    marker="o" if axis_name == "layer" else None, ms=3)
+            ax.plot(
+                xs,
+                values,
+                color=_color(i),
+                label=key,
+                marker="o" if axis_name == "layer" else None,
+                ms=3,
+            )
         _metric_scale(ax, [v for _, v in items])
         ax.set_xlabel("layer" if axis_name == "layer" else f"{axis_name} (flow time)")
         ax.set_title(name)
         ax.legend(loc="best", fontsize=7)
-    title(fig, results, "neural collapse by " + ("layer" if axis_name == "layer" else
-                                                 "flow time"))
+    title(
+        fig,
+        results,
+        "neural collapse by " + ("layer" if axis_name == "layer" else "flow time"),
+    )
 
 
 def _is_series(value, n):
-    return isinstance(value, np.ndarray) and value.ndim == 1 and value.size == n and \
-        value.dtype.kind in "fiu"
+    return (
+        isinstance(value, np.ndarray)
+        and value.ndim == 1
+        and value.size == n
+        and value.dtype.kind in "fiu"
+    )
 
 
 def _by_family(series):
     panels = {name: [] for name, _ in FAMILIES}
     panels["other"] = []
     for key, values in series.items():
-        name = next((n for n, prefixes in FAMILIES if key.lower().startswith(prefixes)),
-                    "other")
+        name = next(
+            (n for n, prefixes in FAMILIES if key.lower().startswith(prefixes)), "other"
+        )
         panels[name].append((key, values))
     return [(name, items) for name, items in panels.items() if items]
 
@@ -911,8 +1098,9 @@ def draw_effective(fig, results):
     right.set_title("cost" + _orthogonality_note(eff))
     for ax in (left, right):
         for value, style, text in marks:
-            ax.axvline(value, color="C3", ls=style, lw=1.1,
-                       label=text if ax is right else None)
+            ax.axvline(
+                value, color="C3", ls=style, lw=1.1, label=text if ax is right else None
+            )
     right.legend(loc="best")
     title(fig, results, "effective truncation flow")
 
@@ -920,8 +1108,10 @@ def draw_effective(fig, results):
 def _contraction_marks(attrs, summary):
     """``(s, line style, label)`` of s* and its bound (group attrs, else summary)."""
     marks = []
-    for key, style, text in (("contraction_time", "-", "contraction time s*"),
-                             ("contraction_bound", "--", "bound on s*")):
+    for key, style, text in (
+        ("contraction_time", "-", "contraction time s*"),
+        ("contraction_bound", "--", "bound on s*"),
+    ):
         value = attrs.get(key, summary.get(key))
         if _number(value) is not None and np.isfinite(value):
             marks.append((float(value), style, f"{text} = {value:.3g}"))
@@ -942,6 +1132,7 @@ def _orthogonality_note(eff):
 
 # ----------------------------------------------------------------- sweep
 
+
 def reference_levels():
     """Known limits of summary scalars, drawn as horizontal lines on sweeps."""
     from dlmin.core.construct import C0_LIMIT
@@ -956,12 +1147,16 @@ def reference_levels():
 def sweep_keys(results):
     """Swept parameters (first-seen order) and numeric summary scalars of the runs."""
     rows = [_summary(r) for r in results]
-    points = [row.get("point") or r["attrs"].get("point") or {}
-              for row, r in zip(rows, results)]
-    swept = [k for k in _ordered_keys(points)
-             if len({repr(p.get(k)) for p in points}) > 1]
-    numeric = sorted({k for row in rows for k, v in row.items()
-                      if _number(v) is not None})
+    points = [
+        row.get("point") or r["attrs"].get("point") or {}
+        for row, r in zip(rows, results)
+    ]
+    swept = [
+        k for k in _ordered_keys(points) if len({repr(p.get(k)) for p in points}) > 1
+    ]
+    numeric = sorted({
+        k for row in rows for k, v in row.items() if _number(v) is not None
+    })
     return swept, numeric
 
 
@@ -990,14 +1185,17 @@ def draw_sweep(fig, results, x=None, y=None):
     """
     rows = [_summary(r) for r in results if _summary(r)]
     if not rows:
-        raise PlotError("no file has a summary (partial files have none until they "
-                        "finish)")
+        raise PlotError(
+            "no file has a summary (partial files have none until they finish)"
+        )
     swept, numeric = sweep_keys(results)
     x = x or (swept[0] if swept else None)
     y = y or "cost"
     if x is None:
-        raise PlotError("the runs share every parameter: nothing was swept; pass --x "
-                        f"with one of the summary scalars: {', '.join(numeric)}")
+        raise PlotError(
+            "the runs share every parameter: nothing was swept; pass --x "
+            f"with one of the summary scalars: {', '.join(numeric)}"
+        )
     _check_key("--x", x, swept + numeric)
     _check_key("--y", y, numeric)
     others = [k for k in swept if k != x]
@@ -1009,8 +1207,15 @@ def draw_sweep(fig, results, x=None, y=None):
     for i, (label, pts) in enumerate(lines):
         xs = [categories.index(p[0]) if categories else p[0] for p in pts]
         ys = [p[1] for p in pts]
-        ax.plot(xs, ys, color=_color(i), marker="o", ms=5, label=label,
-                ls="none" if categories else "-")
+        ax.plot(
+            xs,
+            ys,
+            color=_color(i),
+            marker="o",
+            ms=5,
+            label=label,
+            ls="none" if categories else "-",
+        )
         failed += [(xv, yv) for xv, yv, p in zip(xs, ys, pts) if p[2]]
     _mark_failed(ax, failed)
     if categories:
@@ -1029,8 +1234,10 @@ def draw_sweep(fig, results, x=None, y=None):
 
 def _check_key(option, key, allowed):
     if key not in allowed:
-        raise PlotError(f"{option} {key!r} is not a swept parameter or numeric summary "
-                        f"scalar of these runs; choose one of: {', '.join(allowed)}")
+        raise PlotError(
+            f"{option} {key!r} is not a swept parameter or numeric summary "
+            f"scalar of these runs; choose one of: {', '.join(allowed)}"
+        )
 
 
 def _value(row, key):
@@ -1048,8 +1255,11 @@ def _sweep_lines(rows, x, y, others):
         key = tuple(repr(_value(row, k)) for k in others)
         label = ", ".join(f"{k}={_value(row, k)}" for k in others) or None
         yv = _number(row.get(y))
-        lines.setdefault(key, (label, []))[1].append(
-            (xv, np.nan if yv is None else yv, row.get("status") == "failed"))
+        lines.setdefault(key, (label, []))[1].append((
+            xv,
+            np.nan if yv is None else yv,
+            row.get("status") == "failed",
+        ))
     out = []
     for key in sorted(lines):
         label, pts = lines[key]
@@ -1081,18 +1291,27 @@ def _mark_failed(ax, points):
         style["label"] = None
     if not has.all():
         bottom = mtransforms.blended_transform_factory(ax.transData, ax.transAxes)
-        ax.scatter(xs[~has], np.full((~has).sum(), FAILED_Y), transform=bottom,
-                   clip_on=False, **style)
-        ax.update_datalim(np.column_stack([xs[~has], np.zeros((~has).sum())]),
-                          updatey=False)
+        ax.scatter(
+            xs[~has],
+            np.full((~has).sum(), FAILED_Y),
+            transform=bottom,
+            clip_on=False,
+            **style,
+        )
+        ax.update_datalim(
+            np.column_stack([xs[~has], np.zeros((~has).sum())]), updatey=False
+        )
         ax.autoscale_view()
 
 
 def _sweep_scale(ax, values):
     """Log axis for positive values spanning decades or all at rounding level."""
     v = np.array([x for x in values if np.isfinite(x)])
-    if v.size and np.all(v > 0) and (v.max() / v.min() > LOG_SPAN or
-                                     v.max() < ROUNDING_LEVEL):
+    if (
+        v.size
+        and np.all(v > 0)
+        and (v.max() / v.min() > LOG_SPAN or v.max() < ROUNDING_LEVEL)
+    ):
         ax.set_yscale("log")
 
 
@@ -1104,9 +1323,13 @@ STATE_LINES = ("-", "--", ":")  # collapsed, partly, fixed in the time figures
 ANIMATION_FRAMES = 40  # at most this many frames in a GIF
 ANIMATION_FPS = 5
 ANIMATION_DPI = 80  # GIF pixels per inch: small files
-VIEW_QUANTILE = 0.01  # animation limits: this quantile of all frames' points on each side
+VIEW_QUANTILE = (
+    0.01  # animation limits: this quantile of all frames' points on each side
+)
 SPREAD_FLOOR = 1e-12  # spreads below this times the largest are drawn at that floor
-BASE_POINT_REACH = 3.0  # base points farther than this times the cloud's extent: not in the limits
+BASE_POINT_REACH = (
+    3.0  # base points farther than this times the cloud's extent: not in the limits
+)
 
 
 @dataclass
@@ -1144,20 +1367,30 @@ def truncview_data(res):
     while f"base_point_{L + 1}" in tv:
         L += 1
     if not L or "labels" not in tv:
-        raise PlotError(f"{run_name(res)}: truncview/ holds no base_point_1, ... arrays")
+        raise PlotError(
+            f"{run_name(res)}: truncview/ holds no base_point_1, ... arrays"
+        )
     labels_all = np.asarray(tv["labels"], dtype=int)
     rows = np.asarray(tv.get("rows", np.arange(labels_all.size)), dtype=int)
     labels = labels_all[rows]
     X = _data_X(res, labels_all.size)
     return TruncData(
-        L, rows, labels, int(labels_all.max(initial=0)) + 1,
-        [np.atleast_1d(np.asarray(tv[f"base_point_{l}"], dtype=float))
-         for l in range(1, L + 1)],
-        [np.atleast_2d(np.asarray(tv[f"edges_{l}"], dtype=float))
-         for l in range(1, L + 1)],
+        L,
+        rows,
+        labels,
+        int(labels_all.max(initial=0)) + 1,
+        [
+            np.atleast_1d(np.asarray(tv[f"base_point_{l}"], dtype=float))
+            for l in range(1, L + 1)
+        ],
+        [
+            np.atleast_2d(np.asarray(tv[f"edges_{l}"], dtype=float))
+            for l in range(1, L + 1)
+        ],
         [np.asarray(tv[f"truncated_{l}"], dtype=float) for l in range(1, L + 1)],
         [np.asarray(tv[f"state_{l}"], dtype=int)[rows] for l in range(1, L + 1)],
-        None if X is None else X[rows])
+        None if X is None else X[rows],
+    )
 
 
 def _data_X(res, n):
@@ -1212,8 +1445,12 @@ def _plane_limits(clouds, anchors=()):
         pts = np.zeros((1, 2))
     lo, hi = pts.min(axis=0), pts.max(axis=0)
     center, half = (lo + hi) / 2, max(float((hi - lo).max()) / 2, 1e-12)
-    near = [a for a in anchors if np.all(np.isfinite(a))
-            and np.abs(a - center).max() <= BASE_POINT_REACH * half]
+    near = [
+        a
+        for a in anchors
+        if np.all(np.isfinite(a))
+        and np.abs(a - center).max() <= BASE_POINT_REACH * half
+    ]
     if near:
         pts = np.vstack([pts, *near])
         lo, hi = pts.min(axis=0), pts.max(axis=0)
@@ -1228,21 +1465,34 @@ def _state_scatter(ax, P, labels, states, Q, legend=True):
         for code, (marker, alpha, size) in enumerate(STATE_MARKERS):
             sel = (labels == c) & (states == code)
             if sel.any():
-                ax.scatter(*P[sel].T, s=size, marker=marker, color=_color(c),
-                           alpha=alpha, lw=0.8 if marker == "x" else 0)
+                ax.scatter(
+                    *P[sel].T,
+                    s=size,
+                    marker=marker,
+                    color=_color(c),
+                    alpha=alpha,
+                    lw=0.8 if marker == "x" else 0,
+                )
 
 
 def _state_legend(fig, Q, extra=()):
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], ls="", marker="s", color=_color(c), label=f"class {c}")
-               for c in range(Q)]
-    handles += [Line2D([], [], ls="", marker=m, color="0.3", alpha=max(a, 0.6),
-                       label=name)
-                for (m, a, _), name in zip(STATE_MARKERS, STATE_NAMES)]
+    handles = [
+        Line2D([], [], ls="", marker="s", color=_color(c), label=f"class {c}")
+        for c in range(Q)
+    ]
+    handles += [
+        Line2D([], [], ls="", marker=m, color="0.3", alpha=max(a, 0.6), label=name)
+        for (m, a, _), name in zip(STATE_MARKERS, STATE_NAMES)
+    ]
     handles += list(extra)
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 8),
-               fontsize=7)
+    fig.legend(
+        handles=handles,
+        loc="outside lower center",
+        ncols=min(len(handles), 8),
+        fontsize=7,
+    )
 
 
 def _edge_star(ax, plane, base, edges, length):
@@ -1253,11 +1503,22 @@ def _edge_star(ax, plane, base, edges, length):
     top = norms.max(initial=0.0)
     if top > 0:
         for v in V[norms > RANK_RTOL * top]:
-            ax.annotate("", xy=p + length * v / top, xytext=p,
-                        arrowprops=dict(arrowstyle="-|>", color="k", lw=0.8,
-                                        shrinkA=0, shrinkB=0, mutation_scale=7))
-    ax.scatter(*p, s=90, marker="*", color="k", edgecolors="w", linewidths=0.5,
-               zorder=5)
+            ax.annotate(
+                "",
+                xy=p + length * v / top,
+                xytext=p,
+                arrowprops=dict(
+                    arrowstyle="-|>",
+                    color="k",
+                    lw=0.8,
+                    shrinkA=0,
+                    shrinkB=0,
+                    mutation_scale=7,
+                ),
+            )
+    ax.scatter(
+        *p, s=90, marker="*", color="k", edgecolors="w", linewidths=0.5, zorder=5
+    )
 
 
 def _output_layers(res, tdata):
@@ -1273,8 +1534,9 @@ def _output_layers(res, tdata):
     theta = (group(res, "trajectory") or {}).get("theta")
     time = res.get("attrs", {}).get("time")
     if time is not None and theta is not None:
-        layers = network.unflatten(np.asarray(theta)[int(time)],
-                                   network.widths_of(layers))
+        layers = network.unflatten(
+            np.asarray(theta)[int(time)], network.widths_of(layers)
+        )
     return layers
 
 
@@ -1303,8 +1565,9 @@ def draw_truncview(fig, results):
     td = truncview_data(res)
     ref = td.X if td.X is not None else td.points[0]
     plane = principal_plane(ref)
-    clouds = ([plane.points(td.X)] if td.X is not None else []) + \
-        [plane.points(P) for P in td.points]
+    clouds = ([plane.points(td.X)] if td.X is not None else []) + [
+        plane.points(P) for P in td.points
+    ]
     bases = [plane.points(b[None])[0] for b in td.base]
     limits = _plane_limits(clouds, bases)
     length = ARROW_FRACTION * (limits[0][1] - limits[0][0])
@@ -1333,17 +1596,24 @@ def draw_truncview(fig, results):
         _state_scatter(ax, P, td.labels, td.states[ell - 1], td.Q)
         _edge_star(ax, plane, td.base[ell - 1], td.edges[ell - 1], length)
         frac = np.mean(td.states[ell - 1] == 0) if len(P) else float("nan")
-        ax.set_title(f"layer {ell} ({td.edges[ell - 1].shape[0]} units): "
-                     f"{100 * frac:.0f}% collapsed", fontsize=8)
+        ax.set_title(
+            f"layer {ell} ({td.edges[ell - 1].shape[0]} units): "
+            f"{100 * frac:.0f}% collapsed",
+            fontsize=8,
+        )
     if outputs is not None:
         _outputs_panel(fig, nrows, ncols, n, outputs, td)
     from matplotlib.lines import Line2D
 
-    star = Line2D([], [], ls="", marker="*", color="k", markersize=9,
-                  label="base point, edges")
+    star = Line2D(
+        [], [], ls="", marker="*", color="k", markersize=9, label="base point, edges"
+    )
     _state_legend(fig, td.Q, [star])
-    where = "first two principal components of the data" if plane.names[0] == "PC 1" \
+    where = (
+        "first two principal components of the data"
+        if plane.names[0] == "PC 1"
         else "input coordinates"
+    )
     if td.X is None and plane.names[0] == "PC 1":
         where = "principal components of layer 1's points (no data/X in the file)"
     title(fig, results, f"truncation view, {td.L} layers, {where}")
@@ -1360,13 +1630,21 @@ def _outputs_panel(fig, nrows, ncols, index, outputs, td):
             for code, (marker, alpha, size) in enumerate(STATE_MARKERS):
                 sel = (td.labels == c) & (states == code)
                 if sel.any():
-                    ax.scatter(*outputs[sel].T, s=size, marker=marker,
-                               color=_color(c), alpha=alpha,
-                               lw=0.8 if marker == "x" else 0)
+                    ax.scatter(
+                        *outputs[sel].T,
+                        s=size,
+                        marker=marker,
+                        color=_color(c),
+                        alpha=alpha,
+                        lw=0.8 if marker == "x" else 0,
+                    )
     else:
         ax = fig.add_subplot(nrows, ncols, index)
-        P = outputs if Qo == 2 else np.column_stack([outputs[:, 0],
-                                                     np.zeros(len(outputs))])
+        P = (
+            outputs
+            if Qo == 2
+            else np.column_stack([outputs[:, 0], np.zeros(len(outputs))])
+        )
         _state_scatter(ax, P, td.labels, states, td.Q)
         if Qo == 1:
             ax.set_yticks([])
@@ -1378,13 +1656,17 @@ def _outputs_panel(fig, nrows, ncols, index, outputs, td):
 def _truncation_series(res):
     tv = need(res, "truncview", "dlmin truncate -o")
     if "fractions_t" not in tv:
-        raise PlotError(f"{run_name(res)}: truncview/ holds no fractions_t (run "
-                        "dlmin truncate on a flow with --time all)")
+        raise PlotError(
+            f"{run_name(res)}: truncview/ holds no fractions_t (run "
+            "dlmin truncate on a flow with --time all)"
+        )
     F = np.asarray(tv["fractions_t"], dtype=float)
     S = np.asarray(tv.get("spread_t", np.full(F.shape[:3], np.nan)), dtype=float)
     if F.ndim != 4 or F.shape[-1] != 3 or S.shape != F.shape[:3]:
-        raise PlotError(f"{run_name(res)}: truncview/fractions_t {F.shape} and "
-                        f"spread_t {S.shape} are not (T, L, Q, 3) and (T, L, Q)")
+        raise PlotError(
+            f"{run_name(res)}: truncview/fractions_t {F.shape} and "
+            f"spread_t {S.shape} are not (T, L, Q, 3) and (T, L, Q)"
+        )
     s = tv.get("s")
     if s is None or np.shape(s) != (F.shape[0],):
         return np.arange(F.shape[0], dtype=float), F, S, "recorded time index"
@@ -1392,11 +1674,14 @@ def _truncation_series(res):
 
 
 def _floored(S, c):
-    """Spreads of class ``c`` (column of ``S``), lifted to SPREAD_FLOOR x the largest."""
+    """Spreads of class ``c`` (column of ``S``), at least SPREAD_FLOOR x the largest."""
     v = _positive(S[:, c])
     top = np.nanmax(_positive(S), initial=0.0) if np.isfinite(_positive(S)).any() else 0
-    return np.where(np.isfinite(v), np.maximum(v, SPREAD_FLOOR * top), np.nan) \
-        if top > 0 else v
+    return (
+        np.where(np.isfinite(v), np.maximum(v, SPREAD_FLOOR * top), np.nan)
+        if top > 0
+        else v
+    )
 
 
 def draw_truncation_time(fig, results):
@@ -1410,10 +1695,21 @@ def draw_truncation_time(fig, results):
         top, bottom = axes[0, ell], axes[1, ell]
         for c in range(Q):
             for code, ls in enumerate(STATE_LINES):
-                top.plot(s, F[:, ell, c, code], color=_color(c), ls=ls,
-                         marker="o" if T < 3 else None, ms=3)
-            bottom.plot(s, _floored(S[:, ell], c), color=_color(c),
-                        marker="o" if T < 3 else None, ms=3)
+                top.plot(
+                    s,
+                    F[:, ell, c, code],
+                    color=_color(c),
+                    ls=ls,
+                    marker="o" if T < 3 else None,
+                    ms=3,
+                )
+            bottom.plot(
+                s,
+                _floored(S[:, ell], c),
+                color=_color(c),
+                marker="o" if T < 3 else None,
+                ms=3,
+            )
         top.set_ylim(-0.03, 1.03)
         top.set_title(f"layer {ell + 1}", fontsize=8)
         if np.isfinite(_positive(S[:, ell])).any():
@@ -1424,10 +1720,13 @@ def draw_truncation_time(fig, results):
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=_color(c), label=f"class {c}") for c in range(Q)]
-    handles += [Line2D([], [], color="0.3", ls=ls, label=name)
-                for ls, name in zip(STATE_LINES, STATE_NAMES)]
-    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles),
-               fontsize=7)
+    handles += [
+        Line2D([], [], color="0.3", ls=ls, label=name)
+        for ls, name in zip(STATE_LINES, STATE_NAMES)
+    ]
+    fig.legend(
+        handles=handles, loc="outside lower center", ncols=len(handles), fontsize=7
+    )
     title(fig, results, "truncation over training time")
 
 
@@ -1455,18 +1754,19 @@ def draw_animation(fig, results):
     plane of the data, beside the collapsed fraction of each class per
     layer against s up to that time.
     """
-    from matplotlib.animation import FuncAnimation
-
     from dlmin.core import network, store
     from dlmin.core.truncview import truncation_view
+    from matplotlib.animation import FuncAnimation
 
     res = results[0]
     traj = group(res, "trajectory")
     theta = None if traj is None else traj.get("theta")
     data = group(res, "data")
     if theta is None or np.ndim(theta) != 2 or not len(theta):
-        raise PlotError(f"{run_name(res)}: no trajectory/theta (a flow run with "
-                        "store_theta, or its truncate file next to it)")
+        raise PlotError(
+            f"{run_name(res)}: no trajectory/theta (a flow run with "
+            "store_theta, or its truncate file next to it)"
+        )
     if data is None or "X" not in data:
         raise PlotError(f"{run_name(res)}: no data/X to send through the layers")
     layers = store.read_layers(group(res, "network") or {})
@@ -1481,8 +1781,10 @@ def draw_animation(fig, results):
         s = np.arange(len(theta), dtype=float)
     frames = animation_frames(len(theta))
     try:
-        views = [truncation_view(network.unflatten(theta[t], widths), X, labels)
-                 for t in frames]
+        views = [
+            truncation_view(network.unflatten(theta[t], widths), X, labels)
+            for t in frames
+        ]
     except ValueError as exc:
         raise PlotError(f"{run_name(res)}: {exc}") from exc
     L, Q = len(views[0].layers), views[0].n_classes
@@ -1514,9 +1816,13 @@ def draw_animation(fig, results):
         series.cla()
         for ell in range(L):
             for c in range(Q):
-                series.plot(s[frames[:i + 1]], collapsed[:i + 1, ell, c],
-                            color=_color(c), ls=("-", "--", ":", "-.")[ell % 4],
-                            label=f"layer {ell + 1}, class {c}" if L * Q <= 6 else None)
+                series.plot(
+                    s[frames[: i + 1]],
+                    collapsed[: i + 1, ell, c],
+                    color=_color(c),
+                    ls=("-", "--", ":", "-.")[ell % 4],
+                    label=f"layer {ell + 1}, class {c}" if L * Q <= 6 else None,
+                )
         series.set_xlim(s[0], s[-1] if s[-1] > s[0] else s[0] + 1)
         series.set_ylim(-0.03, 1.03)
         series.set_xlabel("s", fontsize=8)
@@ -1534,6 +1840,7 @@ def draw_animation(fig, results):
 
 
 # -------------------------------------------------------------- registry
+
 
 @dataclass(frozen=True)
 class FigureKind:
@@ -1571,41 +1878,111 @@ class FigureKind:
         """Whether this picture fits a file (or folder) holding ``groups``."""
         if self.scope == ("file" if folder else "folder"):
             return False
-        return (not self.needs or self.needs in groups) and \
-            all(a in groups for a in self.also)
+        return (not self.needs or self.needs in groups) and all(
+            a in groups for a in self.also
+        )
 
 
-FIGURES = {f.name: f for f in (
-    FigureKind("layers", draw_layers, "truncation", "file",
-               "data before and after each truncation layer, cones and apexes"),
-    FigureKind("patterns", draw_patterns, "patterns", "file",
-               "costs of the collapse/keep patterns"),
-    FigureKind("trap", draw_trap, "trap", "file",
-               "r(s) with eps levels, trapped intervals and cost"),
-    FigureKind("bound", draw_bound, "trap", "file",
-               "trapped interval lengths against the trapping bound"),
-    FigureKind("collapse", draw_collapse, "collapse", "file",
-               "neural-collapse metrics against layer or time"),
-    FigureKind("effective", draw_effective, "effective", "file",
-               "truncated fractions and cost of the effective flow, s* marked"),
-    FigureKind("flow", draw_flow, "trajectory", "both",
-               "cost, output paths and NTK eigenvalues (one curve per run)"),
-    FigureKind("cost", draw_cost, "trajectory", "both",
-               "cost against s with C(0) exp(-2s/N)"),
-    FigureKind("outputs", draw_outputs, "trajectory", "both",
-               "output paths against the straight lines to the targets"),
-    FigureKind("ntk", draw_ntk, "trajectory", "both",
-               "extreme NTK eigenvalues against s"),
-    FigureKind("sweep", draw_sweep, "", "folder",
-               "a summary scalar (--y) against a sweep parameter (--x)"),
-    FigureKind("truncview", draw_truncview, "truncview", "file",
-               "each layer's truncated data, base point and edges in one plane"),
-    FigureKind("truncation-time", draw_truncation_time, "truncview", "file",
-               "collapsed/partly/fixed fractions and spreads per layer against s",
-               also=("truncview/fractions_t",)),
-    FigureKind("animation", draw_animation, "truncview", "file",
-               "a GIF of the data through the layers over training time",
-               keep=("trajectory/theta",), suffix=".gif"),
-    FigureKind("data", draw_data, "data", "file",
-               "the data with class means"),
-)}
+FIGURES = {
+    f.name: f
+    for f in (
+        FigureKind(
+            "layers",
+            draw_layers,
+            "truncation",
+            "file",
+            "data before and after each truncation layer, cones and apexes",
+        ),
+        FigureKind(
+            "patterns",
+            draw_patterns,
+            "patterns",
+            "file",
+            "costs of the collapse/keep patterns",
+        ),
+        FigureKind(
+            "trap",
+            draw_trap,
+            "trap",
+            "file",
+            "r(s) with eps levels, trapped intervals and cost",
+        ),
+        FigureKind(
+            "bound",
+            draw_bound,
+            "trap",
+            "file",
+            "trapped interval lengths against the trapping bound",
+        ),
+        FigureKind(
+            "collapse",
+            draw_collapse,
+            "collapse",
+            "file",
+            "neural-collapse metrics against layer or time",
+        ),
+        FigureKind(
+            "effective",
+            draw_effective,
+            "effective",
+            "file",
+            "truncated fractions and cost of the effective flow, s* marked",
+        ),
+        FigureKind(
+            "flow",
+            draw_flow,
+            "trajectory",
+            "both",
+            "cost, output paths and NTK eigenvalues (one curve per run)",
+        ),
+        FigureKind(
+            "cost",
+            draw_cost,
+            "trajectory",
+            "both",
+            "cost against s with C(0) exp(-2s/N)",
+        ),
+        FigureKind(
+            "outputs",
+            draw_outputs,
+            "trajectory",
+            "both",
+            "output paths against the straight lines to the targets",
+        ),
+        FigureKind(
+            "ntk", draw_ntk, "trajectory", "both", "extreme NTK eigenvalues against s"
+        ),
+        FigureKind(
+            "sweep",
+            draw_sweep,
+            "",
+            "folder",
+            "a summary scalar (--y) against a sweep parameter (--x)",
+        ),
+        FigureKind(
+            "truncview",
+            draw_truncview,
+            "truncview",
+            "file",
+            "each layer's truncated data, base point and edges in one plane",
+        ),
+        FigureKind(
+            "truncation-time",
+            draw_truncation_time,
+            "truncview",
+            "file",
+            "collapsed/partly/fixed fractions and spreads per layer against s",
+            also=("truncview/fractions_t",),
+        ),
+        FigureKind(
+            "animation",
+            draw_animation,
+            "truncview",
+            "file",
+            "a GIF of the data through the layers over training time",
+            keep=("trajectory/theta",),
+            suffix=".gif",
+        ),
+        FigureKind("data", draw_data, "data", "file", "the data with class means"),
+    )
+}

@@ -13,12 +13,18 @@ from .common import err_console, fail_usage
 
 def register(app):
     @app.command()
-    def gather(folder: Path = typer.Argument(Path("results"), help="A results folder."),
-               out: Optional[Path] = typer.Option(
-                   None, "--out", "-o", help="Table file: .csv, or .parquet (pyarrow); "
-                                             "default CSV on stdout.")):
-        """Write one row per run (sweep values, status, summary scalars) as CSV or Parquet."""
-        from dlmin.core.gather import gather as collect, write_csv, write_table
+    def gather(
+        folder: Path = typer.Argument(Path("results"), help="A results folder."),
+        out: Optional[Path] = typer.Option(
+            None,
+            "--out",
+            "-o",
+            help="Table file: .csv, or .parquet (pyarrow); default CSV on stdout.",
+        ),
+    ):
+        """One row per run (sweep values, status, summary scalars): CSV or Parquet."""
+        from dlmin.core.gather import gather as collect
+        from dlmin.core.gather import write_csv, write_table
 
         if not folder.is_dir():
             fail_usage(f"{folder}: not a folder")

@@ -15,32 +15,49 @@ from typing import Optional
 
 import typer
 
-from .common import err_console, fail_usage as _fail_usage
+from .common import err_console
+from .common import fail_usage as _fail_usage
 
 DPI = 100  # fixed: the pixel size of every figure is its size in inches times this
 BLAS_THREADS = 1  # the figures' matrices are tiny: more threads only add start-up time
 SKIP_DATASETS = ("trajectory/theta",)  # parameter orbits: large, and never drawn
 PARTIAL = ".partial"
 
-PathArg = typer.Argument(..., help="A result file (.h5 or .h5.partial) or a folder of "
-                                   "result files (a sweep).", show_default=False)
-OutOpt = typer.Option(None, "--out", "-o",
-                      help="PNG to write (.gif for --what animation; with --what all: a "
-                           "folder). Default: next to the input, FILE-<what>.png "
-                           "(.gif), or FOLDER/<what>.png.")
+PathArg = typer.Argument(
+    ...,
+    help="A result file (.h5 or .h5.partial) or a folder of result files (a sweep).",
+    show_default=False,
+)
+OutOpt = typer.Option(
+    None,
+    "--out",
+    "-o",
+    help="PNG to write (.gif for --what animation; with --what all: a "
+    "folder). Default: next to the input, FILE-<what>.png "
+    "(.gif), or FOLDER/<what>.png.",
+)
 WhatOpt = typer.Option(
-    None, "--what", "-w",
+    None,
+    "--what",
+    "-w",
     help="Figure to draw, or 'all' for every figure that applies. Files: layers, "
-         "patterns, data (construct); flow, cost, outputs, ntk (flow); trap, bound "
-         "(trap); collapse, effective (collapse); truncview, truncation-time, animation "
-         "(a GIF) (dlmin truncate -o files and truncate results). Folders: sweep, and flow, cost, "
-         "outputs, ntk with one curve per run. Default: the first that applies.")
-XOpt = typer.Option(None, "--x",
-                    help="Sweep figure: horizontal axis, a swept parameter (default "
-                         "the first) or a summary scalar.")
-YOpt = typer.Option(None, "--y",
-                    help="Sweep figure: summary scalar on the vertical axis (default "
-                         "cost).")
+    "patterns, data (construct); flow, cost, outputs, ntk (flow); trap, bound "
+    "(trap); collapse, effective (collapse); truncview, truncation-time, animation "
+    "(a GIF) (dlmin truncate -o files and truncate results). Folders: sweep, "
+    "and flow, cost, outputs, ntk with one curve per run. Default: the first that "
+    "applies.",
+)
+XOpt = typer.Option(
+    None,
+    "--x",
+    help="Sweep figure: horizontal axis, a swept parameter (default "
+    "the first) or a summary scalar.",
+)
+YOpt = typer.Option(
+    None,
+    "--y",
+    help="Sweep figure: summary scalar on the vertical axis (default cost).",
+)
 
 
 @dataclass
@@ -71,17 +88,22 @@ class Source:
 
 def register(app):
     @app.command()
-    def plot(path: Path = PathArg, out: Optional[Path] = OutOpt,
-             what: Optional[str] = WhatOpt, x: Optional[str] = XOpt,
-             y: Optional[str] = YOpt):
+    def plot(
+        path: Path = PathArg,
+        out: Optional[Path] = OutOpt,
+        what: Optional[str] = WhatOpt,
+        x: Optional[str] = XOpt,
+        y: Optional[str] = YOpt,
+    ):
         """Draw PNG figures of a result file or a sweep folder; print their paths."""
         from . import figures
 
         source = open_source(path)
         names = choose(figures.FIGURES, source, what, x, y)
         suffixes = [figures.FIGURES[n].suffix for n in names]
-        targets = output_paths(source, names, out, many=what == "all",
-                               suffixes=suffixes)
+        targets = output_paths(
+            source, names, out, many=what == "all", suffixes=suffixes
+        )
         written = 0
         for name, target in zip(names, targets):
             kind = figures.FIGURES[name]
@@ -91,14 +113,16 @@ def register(app):
             except figures.PlotError as exc:
                 if what != "all":
                     fail_usage(f"{path}: nothing to plot for --what {name}: {exc}")
-                err_console.print(f"skipped {name}: {exc}", soft_wrap=True,
-                                  markup=False)
+                err_console.print(
+                    f"skipped {name}: {exc}", soft_wrap=True, markup=False
+                )
                 continue
             print(target)
             written += 1
         if not written:
-            fail_usage(f"{path}: none of the figures {', '.join(names)} had anything "
-                       "to plot")
+            fail_usage(
+                f"{path}: none of the figures {', '.join(names)} had anything to plot"
+            )
 
 
 def fail_usage(message):
@@ -109,6 +133,7 @@ def fail_usage(message):
 
 
 # ----------------------------------------------------------------- files
+
 
 def open_source(path):
     """The file, or the folder's result files, with attributes and group names."""
@@ -127,25 +152,33 @@ def open_source(path):
 def result_files(folder):
     """Result files of a folder in name order; a partial file only when no final one."""
     names = {p.name for p in folder.iterdir() if p.is_file()}
-    return sorted(folder / n for n in names if n.endswith(".h5") or (
-        n.endswith(".h5" + PARTIAL) and n[:-len(PARTIAL)] not in names))
+    return sorted(
+        folder / n
+        for n in names
+        if n.endswith(".h5")
+        or (n.endswith(".h5" + PARTIAL) and n[: -len(PARTIAL)] not in names)
+    )
 
 
 def inventory(path):
     """Root attributes and group paths of one file, reading no arrays."""
     import h5py
-
     from dlmin.core.store import _decode
 
     groups, datasets = set(), set()
     try:
         with h5py.File(path, "r") as f:
             attrs = {k: _decode(v) for k, v in f.attrs.items()}
-            f.visititems(lambda name, node: (groups if isinstance(node, h5py.Group)
-                                             else datasets).add(name))
+            f.visititems(
+                lambda name, node: (
+                    groups if isinstance(node, h5py.Group) else datasets
+                ).add(name)
+            )
     except OSError as exc:
-        fail_usage(f"{path}: not a readable HDF5 result file ({exc}); a file still "
-                   "being written may be locked until its run ends")
+        fail_usage(
+            f"{path}: not a readable HDF5 result file ({exc}); a file still "
+            "being written may be locked until its run ends"
+        )
     return Entry(path, attrs, groups, datasets)
 
 
@@ -156,8 +189,11 @@ def load_for(kind, source):
     chosen = [e for e in source.entries if kind.needs in e.groups]
     left = len(source.entries) - len(chosen)
     if left and source.several:
-        err_console.print(f"note: {left} file(s) without {kind.needs}/ left out",
-                          soft_wrap=True, markup=False)
+        err_console.print(
+            f"note: {left} file(s) without {kind.needs}/ left out",
+            soft_wrap=True,
+            markup=False,
+        )
     keep = getattr(kind, "keep", ())
     results = [load(e.path, keep) for e in chosen]
     if kind.needs == "truncview":
@@ -175,7 +211,11 @@ def load(path, keep=()):
         return _read_group(f, h5py, skip)
 
 
-BORROWED = ("data", "network", "trajectory")  # what a truncate file may take from its source
+BORROWED = (
+    "data",
+    "network",
+    "trajectory",
+)  # what a truncate file may take from its source
 
 
 def borrow_source(res, path, keep=()):
@@ -195,8 +235,9 @@ def borrow_source(res, path, keep=()):
     name = res.get("attrs", {}).get("source")
     if not isinstance(name, str) or not name.endswith((".h5", ".h5" + PARTIAL)):
         return res
-    candidates = [Path(name)] + ([path.parent / name] if not Path(name).is_absolute()
-                                 else [])
+    candidates = [Path(name)] + (
+        [path.parent / name] if not Path(name).is_absolute() else []
+    )
     found = next((p for p in candidates if p.is_file()), None)
     if found is None or found.resolve() == path.resolve():
         return res
@@ -206,9 +247,14 @@ def borrow_source(res, path, keep=()):
         return res
     X = other.get("data", {}).get("X")
     labels = np.asarray(res.get("truncview", {}).get("labels", []))
-    if X is None or np.shape(X)[0] != labels.size or not np.array_equal(
+    if (
+        X is None
+        or np.shape(X)[0] != labels.size
+        or not np.array_equal(
             np.asarray(other["data"].get("labels", labels)).astype(int),
-            labels.astype(int)):
+            labels.astype(int),
+        )
+    ):
         return res
     merged = dict(res)
     for g in BORROWED:
@@ -235,6 +281,7 @@ def _read_group(node, h5py, skip=SKIP_DATASETS):
 
 # ------------------------------------------------------------ choosing
 
+
 def choose(catalog, source, what, x, y):
     """The figure names to draw; exit 2 naming the valid ones on a bad ``--what``."""
     fits = [k.name for k in catalog.values() if _fits(k, source)]
@@ -246,13 +293,17 @@ def choose(catalog, source, what, x, y):
             fail_usage(f"{source.path}: no figure applies to it")
         return fits
     if what not in catalog:
-        fail_usage(f"unknown figure {what!r} for --what; figures: "
-                   f"{', '.join(catalog)}, all. For {source.path}: "
-                   f"{', '.join(fits) or 'none'}")
+        fail_usage(
+            f"unknown figure {what!r} for --what; figures: "
+            f"{', '.join(catalog)}, all. For {source.path}: "
+            f"{', '.join(fits) or 'none'}"
+        )
     if what not in fits:
-        fail_usage(f"{source.path}: nothing to plot for --what {what}: "
-                   f"{_why_not(catalog[what], source)}. Figures that apply to it: "
-                   f"{', '.join(fits) or 'none'}")
+        fail_usage(
+            f"{source.path}: nothing to plot for --what {what}: "
+            f"{_why_not(catalog[what], source)}. Figures that apply to it: "
+            f"{', '.join(fits) or 'none'}"
+        )
     if (x or y) and what != "sweep":
         fail_usage("--x and --y choose the axes of --what sweep only")
     return [what]
@@ -262,28 +313,39 @@ def _fits(kind, source):
     groups = set().union(*(e.groups | e.datasets for e in source.entries))
     if not kind.applies(groups, source.several):
         return False
-    return bool(kind.needs) or any(isinstance(e.attrs.get("summary"), dict)
-                                   for e in source.entries)
+    return bool(kind.needs) or any(
+        isinstance(e.attrs.get("summary"), dict) for e in source.entries
+    )
 
 
 def _default(source, fits):
     if not fits:
-        fail_usage(f"{source.path}: no figure applies to it (groups found: "
-                   f"{', '.join(sorted(source.entries[0].groups)) or 'none'})")
-    if not source.several and source.entries[0].attrs.get("kind") == "truncate" \
-            and "truncview" in fits:
+        fail_usage(
+            f"{source.path}: no figure applies to it (groups found: "
+            f"{', '.join(sorted(source.entries[0].groups)) or 'none'})"
+        )
+    if (
+        not source.several
+        and source.entries[0].attrs.get("kind") == "truncate"
+        and "truncview" in fits
+    ):
         return "truncview"
     if source.several:
         everyone = all("trajectory" in e.groups for e in source.entries)
-        return "flow" if everyone and "flow" in fits else (
-            "sweep" if "sweep" in fits else fits[0])
+        return (
+            "flow"
+            if everyone and "flow" in fits
+            else ("sweep" if "sweep" in fits else fits[0])
+        )
     return fits[0]
 
 
 def _why_not(kind, source):
     if kind.scope == "folder":
-        return f"'{kind.name}' compares the runs of a folder; give a folder of " \
-               "several result files"
+        return (
+            f"'{kind.name}' compares the runs of a folder; give a folder of "
+            "several result files"
+        )
     if kind.scope == "file" and source.several:
         return f"'{kind.name}' draws one run; give one of the folder's files"
     if not kind.needs:
@@ -316,11 +378,12 @@ def output_paths(source, names, out, many, suffixes=None):
 
 def _stem(path):
     name = path.name
-    name = name[:-len(PARTIAL)] if name.endswith(PARTIAL) else name
+    name = name[: -len(PARTIAL)] if name.endswith(PARTIAL) else name
     return name[:-3] if name.endswith(".h5") else Path(name).stem
 
 
 # ------------------------------------------------------------ rendering
+
 
 def render(kind, results, target, options):
     """Draw ``kind`` on a fresh figure and write it as a byte-stable PNG.
@@ -335,8 +398,10 @@ def render(kind, results, target, options):
 
     from .figures import ANIMATION_DPI, ANIMATION_FPS, STYLE
 
-    with matplotlib.style.context(STYLE, after_reset=True), \
-            threadpool_limits(limits=BLAS_THREADS, user_api="blas"):
+    with (
+        matplotlib.style.context(STYLE, after_reset=True),
+        threadpool_limits(limits=BLAS_THREADS, user_api="blas"),
+    ):
         fig = Figure(dpi=DPI, layout="constrained")
         FigureCanvasAgg(fig)
         drawn = kind.draw(fig, results, **options)

@@ -15,16 +15,21 @@ from .runcmd import JsonOpt
 
 def register(app):
     @app.command()
-    def predict(result: Path = typer.Argument(..., help="A result file holding a network."),
-                inputs: Path = typer.Argument(..., help="Inputs: .npz with X, or .csv."),
-                out: Optional[Path] = typer.Option(
-                    None, "--out", "-o", help="Write outputs and classes to .npz or .csv "
-                                              "instead of stdout."),
-                as_json: bool = JsonOpt):
+    def predict(
+        result: Path = typer.Argument(..., help="A result file holding a network."),
+        inputs: Path = typer.Argument(..., help="Inputs: .npz with X, or .csv."),
+        out: Optional[Path] = typer.Option(
+            None,
+            "--out",
+            "-o",
+            help="Write outputs and classes to .npz or .csv instead of stdout.",
+        ),
+        as_json: bool = JsonOpt,
+    ):
         """Apply a stored network to new inputs: outputs, classes, truncation rule."""
         import numpy as np
-
-        from dlmin.core.predict import load_inputs, load_network, predict as apply
+        from dlmin.core.predict import load_inputs, load_network
+        from dlmin.core.predict import predict as apply
 
         try:
             net = load_network(result)
@@ -32,8 +37,12 @@ def register(app):
             pred = apply(net, X)
         except (ValueError, OSError) as exc:
             fail_usage(str(exc))
-        summary = {"result": str(result), "inputs": str(inputs), "n": int(X.shape[0]),
-                   "agreement": pred.agreement}
+        summary = {
+            "result": str(result),
+            "inputs": str(inputs),
+            "n": int(X.shape[0]),
+            "agreement": pred.agreement,
+        }
         if labels is not None and pred.classes is not None:
             summary["accuracy"] = float(np.mean(pred.classes == labels))
         if out is not None:
@@ -90,5 +99,7 @@ def _note(summary):
     if summary.get("accuracy") is not None:
         parts.append(f"accuracy {summary['accuracy']:.4f} against the given labels")
     if summary.get("agreement") is not None:
-        parts.append(f"output rule and truncation rule agree on {summary['agreement']:.2%}")
+        parts.append(
+            f"output rule and truncation rule agree on {summary['agreement']:.2%}"
+        )
     err_console.print("; ".join(parts))

@@ -10,9 +10,22 @@ import typer
 from .common import fail_usage, json_safe
 from .runcmd import JsonOpt
 
-HEADER_KEYS = ("kind", "experiment", "run_id", "status", "message", "complete", "seed",
-               "point", "method", "spec_hash", "created", "wall_time", "git_commit",
-               "versions")
+HEADER_KEYS = (
+    "kind",
+    "experiment",
+    "run_id",
+    "status",
+    "message",
+    "complete",
+    "seed",
+    "point",
+    "method",
+    "spec_hash",
+    "created",
+    "wall_time",
+    "git_commit",
+    "versions",
+)
 
 
 def _fmt(value):
@@ -32,20 +45,26 @@ def _datasets(f, prefix=""):
         if isinstance(node, h5py.Group):
             rows += _datasets(node, path)
         else:
-            rows.append((path, "x".join(map(str, node.shape)) or "scalar", str(node.dtype)))
+            rows.append((
+                path,
+                "x".join(map(str, node.shape)) or "scalar",
+                str(node.dtype),
+            ))
     return rows
 
 
 def summarize(path):
     """Everything `show` prints, as a dict."""
     import h5py
-
     from dlmin.core.store import root_attrs
 
     attrs = root_attrs(path)
     with h5py.File(path, "r") as f:
-        groups = {g: {k: f[g].attrs[k] for k in f[g].attrs} for g in f
-                  if isinstance(f[g], h5py.Group) and f[g].attrs}
+        groups = {
+            g: {k: f[g].attrs[k] for k in f[g].attrs}
+            for g in f
+            if isinstance(f[g], h5py.Group) and f[g].attrs
+        }
         datasets = _datasets(f)
     from dlmin.core.store import _decode
 
@@ -56,9 +75,12 @@ def summarize(path):
 
 def register(app):
     @app.command()
-    def show(path: Path = typer.Argument(..., help="A result file (.h5 or .h5.partial), "
-                                                   "or a folder of them."),
-             as_json: bool = JsonOpt):
+    def show(
+        path: Path = typer.Argument(
+            ..., help="A result file (.h5 or .h5.partial), or a folder of them."
+        ),
+        as_json: bool = JsonOpt,
+    ):
         """Print a readable summary of a result file."""
         if not path.exists():
             fail_usage(f"{path}: no such file")
@@ -91,13 +113,25 @@ def _print(info):
             head.add_row(key, _fmt(attrs[key]))
     console.print(head)
     for group, values in info["groups"].items():
-        table = Table(title=group + "/", title_justify="left", show_header=False, box=None,
-                      padding=(0, 2))
+        table = Table(
+            title=group + "/",
+            title_justify="left",
+            show_header=False,
+            box=None,
+            padding=(0, 2),
+        )
         for key, value in values.items():
             table.add_row(key, _fmt(value))
         console.print(table)
-    table = Table("dataset", "shape", "dtype", box=None, padding=(0, 2),
-                  title="arrays", title_justify="left")
+    table = Table(
+        "dataset",
+        "shape",
+        "dtype",
+        box=None,
+        padding=(0, 2),
+        title="arrays",
+        title_justify="left",
+    )
     for row in info["datasets"]:
         table.add_row(*row)
     console.print(table)
@@ -106,23 +140,31 @@ def _print(info):
 def _show_folder(folder, as_json):
     from collections import Counter
 
+    from dlmin.core.gather import gather
     from rich.console import Console
     from rich.table import Table
-
-    from dlmin.core.gather import gather
 
     rows, _ = gather(folder)
     if as_json:
         for row in rows:
             print(json.dumps(json_safe(row)))
         return
-    table = Table("experiment", "run", "kind", "status", "cost", box=None, padding=(0, 2))
+    table = Table(
+        "experiment", "run", "kind", "status", "cost", box=None, padding=(0, 2)
+    )
     for row in rows:
         cost = row.get("cost")
-        table.add_row(str(row["experiment"]), str(row["run_id"]), str(row["kind"]),
-                      str(row["status"]), "-" if cost is None else f"{cost:.3e}")
+        table.add_row(
+            str(row["experiment"]),
+            str(row["run_id"]),
+            str(row["kind"]),
+            str(row["status"]),
+            "-" if cost is None else f"{cost:.3e}",
+        )
     console = Console(highlight=False, soft_wrap=True)
     console.print(table)
     counts = Counter(row["status"] for row in rows)
-    console.print(f"{len(rows)} runs in {folder}: "
-                  + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    console.print(
+        f"{len(rows)} runs in {folder}: "
+        + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    )

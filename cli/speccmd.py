@@ -7,10 +7,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-import typer
-
-from .common import load_and_plan
-from .common import fail_usage
+from .common import fail_usage, load_and_plan
 from .runcmd import JsonOpt, NamesOpt, OutOpt, ShardOpt, SpecArg
 
 
@@ -21,14 +18,25 @@ def register(app):
         parsed, runs = load_and_plan(spec, Path("results"), None)
         n_exp = len(parsed.experiments)
         if as_json:
-            print(json.dumps({"spec": str(spec), "valid": True, "experiments": n_exp,
-                              "runs": len(runs)}))
+            print(
+                json.dumps({
+                    "spec": str(spec),
+                    "valid": True,
+                    "experiments": n_exp,
+                    "runs": len(runs),
+                })
+            )
         else:
             print(f"{spec}: valid, {n_exp} experiments, {len(runs)} runs")
 
     @app.command()
-    def plan(spec: Path = SpecArg, names: Optional[List[str]] = NamesOpt,
-             out: Path = OutOpt, as_json: bool = JsonOpt, shard: Optional[str] = ShardOpt):
+    def plan(
+        spec: Path = SpecArg,
+        names: Optional[List[str]] = NamesOpt,
+        out: Path = OutOpt,
+        as_json: bool = JsonOpt,
+        shard: Optional[str] = ShardOpt,
+    ):
         """List the runs a spec expands to, with run ids and output files."""
         from dlmin.core.executors import parse_shard, select_shard
         from dlmin.core.store import is_done
@@ -41,10 +49,19 @@ def register(app):
         for run in runs:
             done = is_done(run.path, run.spec_hash)
             if as_json:
-                row = {"experiment": run.experiment, "run_id": run.run_id, "kind": run.kind,
-                       "path": str(run.path), "seed": run.seed, "point": run.point,
-                       "spec_hash": run.spec_hash, "done": done}
+                row = {
+                    "experiment": run.experiment,
+                    "run_id": run.run_id,
+                    "kind": run.kind,
+                    "path": str(run.path),
+                    "seed": run.seed,
+                    "point": run.point,
+                    "spec_hash": run.spec_hash,
+                    "done": done,
+                }
                 sys.stdout.write(json.dumps(row) + "\n")
             else:
                 state = "done" if done else "todo"
-                sys.stdout.write(f"{run.path}\t{run.experiment}/{run.run_id}\t{state}\n")
+                sys.stdout.write(
+                    f"{run.path}\t{run.experiment}/{run.run_id}\t{state}\n"
+                )

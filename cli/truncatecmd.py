@@ -22,20 +22,26 @@ import typer
 from .common import fail_usage, json_safe
 from .runcmd import JsonOpt
 
-  # at most this many truncated points stored per layer
+# at most this many truncated points stored per layer
 
 
 def register(app):
     @app.command()
     def truncate(
-        source: Path = typer.Argument(..., help="Result file (.h5) or weights (.npz "
-                                                "with W1, b1, ...)."),
-        data: Path = typer.Argument(None, help="Data (.npz with X, labels, or .csv); "
-                                               "required for .npz weights."),
-        time: str = typer.Option(None, "--time", help="Recorded time index of a flow, "
-                                                      "or 'all' for every time."),
-        out: Path = typer.Option(None, "-o", "--out", help="Write the view to this "
-                                                            "HDF5 file."),
+        source: Path = typer.Argument(
+            ..., help="Result file (.h5) or weights (.npz with W1, b1, ...)."
+        ),
+        data: Path = typer.Argument(
+            None, help="Data (.npz with X, labels, or .csv); required for .npz weights."
+        ),
+        time: str = typer.Option(
+            None,
+            "--time",
+            help="Recorded time index of a flow, or 'all' for every time.",
+        ),
+        out: Path = typer.Option(
+            None, "-o", "--out", help="Write the view to this HDF5 file."
+        ),
         as_json: bool = JsonOpt,
     ):
         """See a network's hidden layers as truncation maps of its input data."""
@@ -91,21 +97,29 @@ def _summary(source, src, view, over, out):
     layers = []
     for lv in view.layers:
         layers.append({
-            "layer": lv.layer, "width": int(lv.W.shape[0]),
-            "sv_ratio": lv.sv_ratio, "nest_residual": lv.nest_residual,
-            "composition_error": lv.composition_error, "failures": lv.failures,
+            "layer": lv.layer,
+            "width": int(lv.W.shape[0]),
+            "sv_ratio": lv.sv_ratio,
+            "nest_residual": lv.nest_residual,
+            "composition_error": lv.composition_error,
+            "failures": lv.failures,
             "base_point_norm": float(np.linalg.norm(lv.base_point)),
             "collapsed": lv.fractions[:, 0].tolist(),
             "partly": lv.fractions[:, 1].tolist(),
             "fixed": lv.fractions[:, 2].tolist(),
             "spread": lv.spread.tolist(),
         })
-    summary = {"source": str(source), "time": src.time,
-               "n_samples": int(src.X.shape[0]), "n_classes": view.n_classes,
-               "layers": layers,
-               "composition_error": view.composition_error,
-               "conditions_ok": not view.failures, "failures": view.failures,
-               "out": None if out is None else str(out)}
+    summary = {
+        "source": str(source),
+        "time": src.time,
+        "n_samples": int(src.X.shape[0]),
+        "n_classes": view.n_classes,
+        "layers": layers,
+        "composition_error": view.composition_error,
+        "conditions_ok": not view.failures,
+        "failures": view.failures,
+        "out": None if out is None else str(out),
+    }
     if over is not None:
         summary["times"] = int(over.fractions.shape[0])
         summary["s_last"] = None if over.s is None else float(over.s[-1])
@@ -131,22 +145,29 @@ def _print(summary):
 
     console = Console(highlight=False, soft_wrap=True)
     when = "" if summary["time"] is None else f" at recorded time {summary['time']}"
-    console.print(f"{summary['source']}{when}: {summary['n_samples']} points, "
-                  f"{summary['n_classes']} classes, composition error "
-                  f"{summary['composition_error']:.2e}")
+    console.print(
+        f"{summary['source']}{when}: {summary['n_samples']} points, "
+        f"{summary['n_classes']} classes, composition error "
+        f"{summary['composition_error']:.2e}"
+    )
     for layer in summary["layers"]:
         conds = "ok" if not layer["failures"] else "FAILS"
-        console.print(f"layer {layer['layer']} (width {layer['width']}): conditions "
-                      f"{conds}, s_min/s_max {layer['sv_ratio']:.3g}, base point norm "
-                      f"{layer['base_point_norm']:.4g}")
+        console.print(
+            f"layer {layer['layer']} (width {layer['width']}): conditions "
+            f"{conds}, s_min/s_max {layer['sv_ratio']:.3g}, base point norm "
+            f"{layer['base_point_norm']:.4g}"
+        )
         for msg in layer["failures"]:
             console.print(f"  [yellow]{msg}[/]")
-        table = Table("class", "collapsed", "partly", "fixed", "spread", box=None,
-                      padding=(0, 2))
+        table = Table(
+            "class", "collapsed", "partly", "fixed", "spread", box=None, padding=(0, 2)
+        )
         for j in range(summary["n_classes"]):
-            table.add_row(str(j), *(_pct(layer[k][j]) for k in
-                                    ("collapsed", "partly", "fixed")),
-                          _num(layer["spread"][j]))
+            table.add_row(
+                str(j),
+                *(_pct(layer[k][j]) for k in ("collapsed", "partly", "fixed")),
+                _num(layer["spread"][j]),
+            )
         console.print(table)
     if "times" in summary:
         console.print(f"{summary['times']} recorded times viewed")

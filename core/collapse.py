@@ -216,8 +216,10 @@ class CollapseResult:
         are added as lists.
         """
         row = {
-            "n_samples": self.n_samples, "dim": self.dim,
-            "n_classes": self.n_classes, "n_classes_eff": self.n_classes_eff,
+            "n_samples": self.n_samples,
+            "dim": self.dim,
+            "n_classes": self.n_classes,
+            "n_classes_eff": self.n_classes_eff,
             "min_class_size": int(self.class_sizes.min()),
             "max_class_size": int(self.class_sizes.max()),
             "input_dtype": self.input_dtype,
@@ -258,11 +260,26 @@ def _array_fields(res):
 # --------------------------------------------------------------------------
 
 
-def collapse_metrics(features, labels, *, W=None, b=None, predictions=None,
-                     heldout=None, classes=None, targets=None,
-                     weighting="balanced", ddof=0, rank_tol=None,
-                     center_classifier=False, empty="drop", loss="ce",
-                     l2_lam=None, source="features", progress=None):
+def collapse_metrics(
+    features,
+    labels,
+    *,
+    W=None,
+    b=None,
+    predictions=None,
+    heldout=None,
+    classes=None,
+    targets=None,
+    weighting="balanced",
+    ddof=0,
+    rank_tol=None,
+    center_classifier=False,
+    empty="drop",
+    loss="ce",
+    l2_lam=None,
+    source="features",
+    progress=None,
+):
     """Measure neural collapse of features held in memory.
 
     Parameters
@@ -316,25 +333,54 @@ def collapse_metrics(features, labels, *, W=None, b=None, predictions=None,
     """
     H = _check_features(features, "features")
     y = _check_labels(labels, H.shape[0], "labels")
-    pred = None if predictions is None else _check_labels(
-        predictions, H.shape[0], "predictions")
+    pred = (
+        None
+        if predictions is None
+        else _check_labels(predictions, H.shape[0], "predictions")
+    )
     chunks = _memory_factory(H, y, pred)
     held = None
     if heldout is not None:
         held = _memory_factory(*_check_heldout(heldout, H.shape[1]))
-    return _warned(_measure(
-        chunks, heldout_factory=held, W=W, b=b, classes=classes,
-        targets=targets, weighting=weighting, ddof=ddof, rank_tol=rank_tol,
-        center_classifier=center_classifier, empty=empty, loss=loss,
-        l2_lam=l2_lam, source=source, progress=progress))
+    return _warned(
+        _measure(
+            chunks,
+            heldout_factory=held,
+            W=W,
+            b=b,
+            classes=classes,
+            targets=targets,
+            weighting=weighting,
+            ddof=ddof,
+            rank_tol=rank_tol,
+            center_classifier=center_classifier,
+            empty=empty,
+            loss=loss,
+            l2_lam=l2_lam,
+            source=source,
+            progress=progress,
+        )
+    )
 
 
-def collapse_metrics_streaming(chunks_factory, *, heldout_factory=None, W=None,
-                               b=None, classes=None, targets=None,
-                               weighting="balanced", ddof=0, rank_tol=None,
-                               center_classifier=False, empty="drop",
-                               loss="ce", l2_lam=None, source="features",
-                               progress=None):
+def collapse_metrics_streaming(
+    chunks_factory,
+    *,
+    heldout_factory=None,
+    W=None,
+    b=None,
+    classes=None,
+    targets=None,
+    weighting="balanced",
+    ddof=0,
+    rank_tol=None,
+    center_classifier=False,
+    empty="drop",
+    loss="ce",
+    l2_lam=None,
+    source="features",
+    progress=None,
+):
     """Measure neural collapse of features too large for memory, in two passes.
 
     Parameters
@@ -362,11 +408,25 @@ empty, loss, l2_lam, source, progress
     Memory is ``O(C D + C r)`` plus one block of rows; ``O(D^2)`` more only
     with ``l2_lam``.
     """
-    return _warned(_measure(
-        chunks_factory, heldout_factory=heldout_factory, W=W, b=b,
-        classes=classes, targets=targets, weighting=weighting, ddof=ddof,
-        rank_tol=rank_tol, center_classifier=center_classifier, empty=empty,
-        loss=loss, l2_lam=l2_lam, source=source, progress=progress))
+    return _warned(
+        _measure(
+            chunks_factory,
+            heldout_factory=heldout_factory,
+            W=W,
+            b=b,
+            classes=classes,
+            targets=targets,
+            weighting=weighting,
+            ddof=ddof,
+            rank_tol=rank_tol,
+            center_classifier=center_classifier,
+            empty=empty,
+            loss=loss,
+            l2_lam=l2_lam,
+            source=source,
+            progress=progress,
+        )
+    )
 
 
 def _warned(result):
@@ -376,9 +436,24 @@ def _warned(result):
     return result
 
 
-def _measure(chunks_factory, *, heldout_factory, W, b, classes, targets,
-             weighting, ddof, rank_tol, center_classifier, empty, loss,
-             l2_lam, source, progress):
+def _measure(
+    chunks_factory,
+    *,
+    heldout_factory,
+    W,
+    b,
+    classes,
+    targets,
+    weighting,
+    ddof,
+    rank_tol,
+    center_classifier,
+    empty,
+    loss,
+    l2_lam,
+    source,
+    progress,
+):
     """Both passes and the final metrics; arguments already described."""
     opts = _check_options(weighting, ddof, rank_tol, empty, loss, l2_lam)
     opts.update(center_classifier=bool(center_classifier), source=str(source))
@@ -404,9 +479,9 @@ def _check_features(features, name):
     if H.ndim != 2:
         raise ValueError(
             f"{name} must be a 2-D array (N, D), one sample per row; got shape "
-            f"{H.shape}. Reshape with .reshape(N, -1).")
-    if not (np.issubdtype(H.dtype, np.floating)
-            or np.issubdtype(H.dtype, np.integer)):
+            f"{H.shape}. Reshape with .reshape(N, -1)."
+        )
+    if not (np.issubdtype(H.dtype, np.floating) or np.issubdtype(H.dtype, np.integer)):
         raise ValueError(f"{name} must hold real numbers, got dtype {H.dtype}")
     return H
 
@@ -416,7 +491,8 @@ def _check_labels(labels, n_rows, name):
     if y.ndim != 1 or y.shape[0] != n_rows:
         raise ValueError(
             f"{name} must have shape ({n_rows},), one entry per feature row; "
-            f"got shape {y.shape}")
+            f"got shape {y.shape}"
+        )
     return y
 
 
@@ -425,21 +501,28 @@ def _check_heldout(heldout, dim):
         raise ValueError(
             "heldout must be (features, labels) or (features, labels, "
             f"predictions); got {type(heldout).__name__} of length "
-            f"{len(heldout) if hasattr(heldout, '__len__') else '?'}")
+            f"{len(heldout) if hasattr(heldout, '__len__') else '?'}"
+        )
     H = _check_features(heldout[0], "heldout features")
     if H.shape[1] != dim:
-        raise ValueError(f"heldout features have {H.shape[1]} columns, the "
-                         f"training features {dim}")
+        raise ValueError(
+            f"heldout features have {H.shape[1]} columns, the training features {dim}"
+        )
     y = _check_labels(heldout[1], H.shape[0], "heldout labels")
-    pred = None if len(heldout) == 2 or heldout[2] is None else _check_labels(
-        heldout[2], H.shape[0], "heldout predictions")
+    pred = (
+        None
+        if len(heldout) == 2 or heldout[2] is None
+        else _check_labels(heldout[2], H.shape[0], "heldout predictions")
+    )
     return H, y, pred
 
 
 def _check_options(weighting, ddof, rank_tol, empty, loss, l2_lam):
-    for name, value, allowed in (("weighting", weighting, WEIGHTINGS),
-                                 ("empty", empty, EMPTY_POLICIES),
-                                 ("loss", loss, LOSSES)):
+    for name, value, allowed in (
+        ("weighting", weighting, WEIGHTINGS),
+        ("empty", empty, EMPTY_POLICIES),
+        ("loss", loss, LOSSES),
+    ):
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     if ddof not in (0, 1):
@@ -448,10 +531,14 @@ def _check_options(weighting, ddof, rank_tol, empty, loss, l2_lam):
         raise ValueError(f"rank_tol must lie in [0, 1), got {rank_tol!r}")
     if l2_lam is not None and not float(l2_lam) >= 0:
         raise ValueError(f"l2_lam must be >= 0, got {l2_lam!r}")
-    return {"weighting": weighting, "ddof": int(ddof),
-            "rank_tol": None if rank_tol is None else float(rank_tol),
-            "empty_classes": empty, "loss": loss,
-            "l2_lam": None if l2_lam is None else float(l2_lam)}
+    return {
+        "weighting": weighting,
+        "ddof": int(ddof),
+        "rank_tol": None if rank_tol is None else float(rank_tol),
+        "empty_classes": empty,
+        "loss": loss,
+        "l2_lam": None if l2_lam is None else float(l2_lam),
+    }
 
 
 def _memory_factory(H, y, pred):
@@ -461,8 +548,11 @@ def _memory_factory(H, y, pred):
     def chunks():
         for start in range(0, max(H.shape[0], 1), rows):
             stop = start + rows
-            yield (H[start:stop], y[start:stop],
-                   None if pred is None else pred[start:stop])
+            yield (
+                H[start:stop],
+                y[start:stop],
+                None if pred is None else pred[start:stop],
+            )
 
     return chunks
 
@@ -471,7 +561,8 @@ def _unpack(chunk, where):
     if not isinstance(chunk, (tuple, list)) or len(chunk) not in (2, 3):
         raise ValueError(
             f"{where}: each chunk must be (features, labels) or (features, "
-            f"labels, predictions); got {type(chunk).__name__}")
+            f"labels, predictions); got {type(chunk).__name__}"
+        )
     H = _check_features(chunk[0], f"{where} features")
     y = _check_labels(chunk[1], H.shape[0], f"{where} labels")
     pred = None
@@ -486,8 +577,7 @@ def _blocks(chunk, width):
     rows = max(1, BLOCK_FLOATS // max(1, width))
     for start in range(0, H.shape[0], rows):
         stop = start + rows
-        yield (H[start:stop], y[start:stop],
-               None if pred is None else pred[start:stop])
+        yield (H[start:stop], y[start:stop], None if pred is None else pred[start:stop])
 
 
 def _shifted(H, point):
@@ -509,9 +599,11 @@ def _require_finite(total, H, where):
         sq = np.einsum("ij,ij->i", H, H, dtype=np.float64)
         bad = ~(sq <= FEATURE_LIMIT**2)
     row = int(np.flatnonzero(bad)[0]) if bad.any() else 0
-    raise ValueError(f"{where}: features are not finite or overflow when "
-                     f"squared (first bad row {row} of its block); remove or "
-                     "rescale such rows")
+    raise ValueError(
+        f"{where}: features are not finite or overflow when "
+        f"squared (first bad row {row} of its block); remove or "
+        "rescale such rows"
+    )
 
 
 # --------------------------------------------------------------------------
@@ -545,7 +637,8 @@ class _ClassIndex:
                     raise ValueError(
                         f"{where}: label {value!r} is not among the classes "
                         f"{_shorten(self.values)}; pass classes= listing "
-                        "every label")
+                        "every label"
+                    )
             idx[k] = self.lookup[value]
         return idx[inverse.ravel()]
 
@@ -628,14 +721,20 @@ def _start_first(H, n_classes):
     dim = H.shape[1]
     ref = np.asarray(H[0], dtype=np.float64).copy()
     dtype = H.dtype if np.issubdtype(H.dtype, np.floating) else np.float64
-    return _First(dim, np.dtype(dtype), ref, np.zeros(n_classes, np.int64),
-                  np.zeros((n_classes, dim)))
+    return _First(
+        dim,
+        np.dtype(dtype),
+        ref,
+        np.zeros(n_classes, np.int64),
+        np.zeros((n_classes, dim)),
+    )
 
 
 def _check_dim(H, dim):
     if H.shape[1] != dim:
-        raise ValueError(f"chunks disagree on the feature dimension: {dim} "
-                         f"and {H.shape[1]}")
+        raise ValueError(
+            f"chunks disagree on the feature dimension: {dim} and {H.shape[1]}"
+        )
 
 
 def _first_update(first, index, H, y):
@@ -672,23 +771,23 @@ class _Stats:
     """Everything pass 2 and the final metrics need from pass 1."""
 
     index: _ClassIndex
-    kept: np.ndarray          # indices of non-empty classes, (C_eff,)
-    counts: np.ndarray        # (C_eff,)
-    means_ref: np.ndarray     # mu_c - ref, (C_eff, D)
-    ref: np.ndarray           # (D,)
-    pi: np.ndarray            # class weights, (C_eff,)
-    mug_ref: np.ndarray       # mu_G - ref, (D,)
-    centred: np.ndarray       # M~, (C_eff, D)
-    s: np.ndarray             # singular values of B
+    kept: np.ndarray  # indices of non-empty classes, (C_eff,)
+    counts: np.ndarray  # (C_eff,)
+    means_ref: np.ndarray  # mu_c - ref, (C_eff, D)
+    ref: np.ndarray  # (D,)
+    pi: np.ndarray  # class weights, (C_eff,)
+    mug_ref: np.ndarray  # mu_G - ref, (D,)
+    centred: np.ndarray  # M~, (C_eff, D)
+    s: np.ndarray  # singular values of B
     r: int
-    basis: np.ndarray         # (D, r + r_sample): top directions of B, B_sample
+    basis: np.ndarray  # (D, r + r_sample): top directions of B, B_sample
     r_sample: int
     s_sample: np.ndarray
-    same_basis: bool         # sample-weighted B has B's directions
+    same_basis: bool  # sample-weighted B has B's directions
     tau: float
-    scale: float              # max |mu_c|, sets "coinciding" and "zero"
+    scale: float  # max |mu_c|, sets "coinciding" and "zero"
     dtype: np.dtype
-    to_kept: np.ndarray       # class index -> row among kept, -1 if empty
+    to_kept: np.ndarray  # class index -> row among kept, -1 if empty
     messages: list = field(default_factory=list)
     flags: dict = field(default_factory=dict)
 
@@ -708,8 +807,7 @@ def _between_passes(first, index, opts):
         opts["rank_tol"] = max(kept.shape[0], first.dim) * eps
     tau = opts["rank_tol"]
     s, U, r = _top_directions(np.sqrt(pi)[:, None] * centred, tau)
-    same_basis = opts["weighting"] == "sample" or bool(
-        np.all(counts == counts[0]))
+    same_basis = opts["weighting"] == "sample" or bool(np.all(counts == counts[0]))
     s_s, U_s, r_s = s, U[:, :0], r
     if not same_basis:
         pi_s = counts / counts.sum()
@@ -718,9 +816,28 @@ def _between_passes(first, index, opts):
     to_kept = np.full(counts_all.shape[0], -1, dtype=np.int64)
     to_kept[kept] = np.arange(kept.shape[0])
     scale = float(np.sqrt(((means_ref + first.ref) ** 2).sum(axis=1)).max())
-    return _Stats(index, kept, counts, means_ref, first.ref, pi, mug_ref,
-                  centred, s, r, np.hstack([U, U_s]), r_s, s_s, same_basis,
-                  tau, scale, first.dtype, to_kept, messages, flags)
+    return _Stats(
+        index,
+        kept,
+        counts,
+        means_ref,
+        first.ref,
+        pi,
+        mug_ref,
+        centred,
+        s,
+        r,
+        np.hstack([U, U_s]),
+        r_s,
+        s_s,
+        same_basis,
+        tau,
+        scale,
+        first.dtype,
+        to_kept,
+        messages,
+        flags,
+    )
 
 
 def _note_empty(index, counts, kept, opts, flags, messages):
@@ -729,14 +846,18 @@ def _note_empty(index, counts, kept, opts, flags, messages):
     if empty.shape[0] and opts["empty_classes"] == "raise":
         raise ValueError(
             f"classes {[index.values[i] for i in empty]} have no samples; "
-            "pass empty='drop' to drop them, or fix classes=")
+            "pass empty='drop' to drop them, or fix classes="
+        )
     if empty.shape[0]:
-        messages.append(f"{empty.shape[0]} empty class(es) dropped: "
-                        f"{[index.values[i] for i in empty][:10]}")
+        messages.append(
+            f"{empty.shape[0]} empty class(es) dropped: "
+            f"{[index.values[i] for i in empty][:10]}"
+        )
     if kept.shape[0] < 2:
         raise ValueError(
             f"collapse needs at least two non-empty classes; got "
-            f"{kept.shape[0]} (labels seen: {index.values[:10]})")
+            f"{kept.shape[0]} (labels seen: {index.values[:10]})"
+        )
 
 
 def _weights(counts, weighting):
@@ -764,11 +885,11 @@ def _top_directions(B, tau):
 
 @dataclass
 class _Classifier:
-    W: np.ndarray            # (K, D), as given
-    b: np.ndarray            # (K,)
-    targets: np.ndarray      # (C_eff, K), kept classes
-    per_class: bool          # rows of W are the classes (K == C)
-    loss: str                # "ce" (argmax) or "l2" (nearest target)
+    W: np.ndarray  # (K, D), as given
+    b: np.ndarray  # (K,)
+    targets: np.ndarray  # (C_eff, K), kept classes
+    per_class: bool  # rows of W are the classes (K == C)
+    loss: str  # "ce" (argmax) or "l2" (nearest target)
 
 
 def _check_classifier(W, b, targets, loss, stats):
@@ -779,8 +900,9 @@ def _check_classifier(W, b, targets, loss, stats):
         return None
     W = np.asarray(W, dtype=np.float64)
     if W.ndim != 2 or W.shape[1] != D:
-        raise ValueError(f"W must have shape (K, {D}) to act on the features; "
-                         f"got {W.shape}")
+        raise ValueError(
+            f"W must have shape (K, {D}) to act on the features; got {W.shape}"
+        )
     b = np.zeros(W.shape[0]) if b is None else np.asarray(b, np.float64)
     if b.shape != (W.shape[0],):
         raise ValueError(f"b must have shape ({W.shape[0]},), got {b.shape}")
@@ -788,13 +910,16 @@ def _check_classifier(W, b, targets, loss, stats):
         if W.shape[0] != C_all:
             raise ValueError(
                 f"W has {W.shape[0]} rows but there are {C_all} classes; "
-                "pass classes= naming one class per row, or targets=")
+                "pass classes= naming one class per row, or targets="
+            )
         Y = np.eye(C_all)
     else:
         Y = np.asarray(targets, dtype=np.float64)
         if Y.shape != (C_all, W.shape[0]):
-            raise ValueError(f"targets must have shape ({C_all}, {W.shape[0]})"
-                             f" (classes, outputs); got {Y.shape}")
+            raise ValueError(
+                f"targets must have shape ({C_all}, {W.shape[0]})"
+                f" (classes, outputs); got {Y.shape}"
+            )
     return _Classifier(W, b, Y[stats.kept], W.shape[0] == C_all, loss)
 
 
@@ -805,13 +930,13 @@ def _check_classifier(W, b, targets, loss, stats):
 
 @dataclass
 class _Second:
-    dev_sq: np.ndarray        # per class sum |h - mu_c|^2, (C_eff,)
-    proj_sq: np.ndarray       # per class sum (u_i . (h - mu_c))^2, (C_eff, k)
+    dev_sq: np.ndarray  # per class sum |h - mu_c|^2, (C_eff,)
+    proj_sq: np.ndarray  # per class sum (u_i . (h - mu_c))^2, (C_eff, k)
     ncc_correct: int = 0
     ncc_agree: int = 0
     n_pred: int = 0
-    resid_sq: np.ndarray | None = None   # per class sum |W h + b - y_c|^2
-    scatter: np.ndarray | None = None    # Sigma_W, (D, D), L2 only
+    resid_sq: np.ndarray | None = None  # per class sum |W h + b - y_c|^2
+    scatter: np.ndarray | None = None  # Sigma_W, (D, D), L2 only
     counts: np.ndarray | None = None
     checksum: float = 0.0
     decided_by: set = field(default_factory=set)
@@ -844,19 +969,21 @@ def _second_update(sec, stats, clf, H, y, pred):
     """Deviations, projections, NCC and L2 residuals of one block."""
     idx = stats.to_kept[stats.index.index(y, "pass 2")]
     if (idx < 0).any():
-        raise ValueError("pass 2 met a class that pass 1 saw empty; the chunk "
-                         "source must yield the same samples both times")
+        raise ValueError(
+            "pass 2 met a class that pass 1 saw empty; the chunk "
+            "source must yield the same samples both times"
+        )
     C = stats.kept.shape[0]
     sec.checksum += _digest(H)[0]
     sec.counts += np.bincount(idx, minlength=C)
-    Z = _shifted(H, stats.ref + stats.mug_ref)         # h - mu_G
+    Z = _shifted(H, stats.ref + stats.mug_ref)  # h - mu_G
     decided = _decisions(stats, clf, Z, pred)
     if decided is not None:
         sec.decided_by.add("predictions" if pred is not None else "classifier")
     _ncc_update(sec, stats, Z, idx, decided)
     if clf is not None:
         _l2_residuals(sec, stats, clf, Z, idx)
-    Z -= stats.centred[idx]                             # now h - mu_c
+    Z -= stats.centred[idx]  # now h - mu_c
     with np.errstate(over="ignore"):
         dev_sq = np.einsum("ij,ij->i", Z, Z)
     _require_finite(dev_sq, H, "pass 2")
@@ -928,13 +1055,15 @@ def _check_digest(first, sec, stats):
             "pass 2 saw different class counts than pass 1 "
             f"({sec.counts.tolist()[:10]} vs {stats.counts.tolist()[:10]}); "
             "chunks_factory() must yield the same samples each time it is "
-            "called (re-seed generators, reopen files)")
+            "called (re-seed generators, reopen files)"
+        )
     gap = abs(sec.checksum - first.checksum)
     if gap > DIGEST_RTOL * max(first.magnitude, 1e-300):
         raise ValueError(
             f"pass 2 data differ from pass 1 (feature sums {first.checksum!r}"
             f" vs {sec.checksum!r}); chunks_factory() must yield the same "
-            "samples each time it is called")
+            "samples each time it is called"
+        )
 
 
 def _heldout_pass(factory, stats, clf):
@@ -967,7 +1096,7 @@ def _heldout_pass(factory, stats, clf):
 
 def _finish(stats, clf, sec, held, opts):
     metrics, flags, messages = {}, dict(stats.flags), list(stats.messages)
-    single = stats.counts == 1          # V_c = 0 exactly, not rounding noise
+    single = stats.counts == 1  # V_c = 0 exactly, not rounding noise
     sec.dev_sq[single], sec.proj_sq[single] = 0.0, 0.0
     V = sec.dev_sq / stats.counts
     metrics.update(_nc1(stats, sec, V, flags))
@@ -984,28 +1113,35 @@ def _finish(stats, clf, sec, held, opts):
     metrics.update(dict.fromkeys(("l2_loss", "l2_nc1", "l2_nc23", "l2_perp")))
     if clf is not None and opts["l2_lam"] is not None:
         l2 = _l2_decomposition(stats, clf, sec, opts["l2_lam"])
-        metrics.update(l2_loss=l2.loss, l2_nc1=l2.nc1, l2_nc23=l2.nc23,
-                       l2_perp=l2.perp)
+        metrics.update(l2_loss=l2.loss, l2_nc1=l2.nc1, l2_nc23=l2.nc23, l2_perp=l2.perp)
     _degenerate_notes(stats, flags, messages)
     C = stats.kept.shape[0]
     return CollapseResult(
-        n_samples=int(stats.counts.sum()), dim=int(stats.ref.shape[0]),
-        n_classes=len(stats.index.values), n_classes_eff=int(C),
-        input_dtype=str(stats.dtype), options=dict(opts), metrics=metrics,
-        flags=flags, warnings=messages,
+        n_samples=int(stats.counts.sum()),
+        dim=int(stats.ref.shape[0]),
+        n_classes=len(stats.index.values),
+        n_classes_eff=int(C),
+        input_dtype=str(stats.dtype),
+        options=dict(opts),
+        metrics=metrics,
+        flags=flags,
+        warnings=messages,
         classes=np.asarray(stats.index.values, dtype=object)[stats.kept],
-        class_sizes=stats.counts.copy(), class_variances=V,
+        class_sizes=stats.counts.copy(),
+        class_variances=V,
         means=stats.means_ref + stats.ref,
         global_mean=stats.mug_ref + stats.ref,
         spectrum_means=np.linalg.svd(stats.centred, compute_uv=False),
-        spectrum_classifier=spec_W, cdnv_pairs=cdnv_pairs, cos_means=cos,
-        l2=l2)
+        spectrum_classifier=spec_W,
+        cdnv_pairs=cdnv_pairs,
+        cos_means=cos,
+        l2=l2,
+    )
 
 
 def _means_frame(stats, opts, metrics, flags):
     """NC2 of the centred means and the orthogonal-frame gap, into metrics."""
-    frame, cos = _frame_stats(stats.centred, opts["ddof"],
-                              stats.tau * stats.scale)
+    frame, cos = _frame_stats(stats.centred, opts["ddof"], stats.tau * stats.scale)
     flags["zero_centred_means"] = frame.pop("n_zero_rows")
     metrics.update({f"{k}_means": v for k, v in frame.items()})
     metrics["of_gap_means"] = _of_gap(stats.means_ref + stats.ref)
@@ -1029,11 +1165,14 @@ def _nc1(stats, sec, V, flags):
     d_hesu = _d_hesu(stats, sec)
     flags["rank_deficient"] = bool(r < C - 1)
     return {
-        "nc1": nc1, "nc1_quotient": _ratio(tr_w, tr_b),
+        "nc1": nc1,
+        "nc1_quotient": _ratio(tr_w, tr_b),
         "nc1_norm": _ratio(tr_w, tr_w + tr_b),
         "d_hesu": d_hesu,
         "log10_d_hesu": math.log10(d_hesu) if d_hesu > 0 else -math.inf,
-        "trace_within": tr_w, "trace_between": tr_b, "rank": int(r),
+        "trace_within": tr_w,
+        "trace_between": tr_b,
+        "rank": int(r),
         "sigma_ratio": float(stats.s[0] / stats.s[r - 1]) if r else math.inf,
     }
 
@@ -1053,8 +1192,8 @@ def _cdnv_pairs(stats, V):
     d2 = np.empty((C, C))
     rows = max(1, TILE_FLOATS // max(1, C * D))
     for start in range(0, C, rows):
-        diff = M[start:start + rows, None, :] - M[None, :, :]
-        d2[start:start + rows] = np.einsum("ijk,ijk->ij", diff, diff)
+        diff = M[start : start + rows, None, :] - M[None, :, :]
+        d2[start : start + rows] = np.einsum("ijk,ijk->ij", diff, diff)
     close = d2 <= (stats.tau * stats.scale) ** 2
     num = V[:, None] + V[None, :]
     out = np.full((C, C), math.inf)
@@ -1096,18 +1235,23 @@ def _frame_stats(X, ddof, zero_tol):
     G = X @ X.T
     cos = np.full((C, C), np.nan)
     ng = norms[good]
-    cos[np.ix_(good, good)] = np.clip(G[np.ix_(good, good)] / np.outer(ng, ng),
-                                      -1.0, 1.0)
+    cos[np.ix_(good, good)] = np.clip(
+        G[np.ix_(good, good)] / np.outer(ng, ng), -1.0, 1.0
+    )
     iu = np.triu_indices(C, k=1)
     pair = cos[iu]
     pair = pair[~np.isnan(pair)]
     ideal = -1.0 / (C - 1)
-    std_cos = float(pair.std(ddof=ddof if pair.shape[0] > ddof else 0)) \
-        if pair.shape[0] else 0.0
+    std_cos = (
+        float(pair.std(ddof=ddof if pair.shape[0] > ddof else 0))
+        if pair.shape[0]
+        else 0.0
+    )
     return {
         "equinorm": _cov(norms, ddof),
         "equiangular": std_cos,
-        "maxangle": float(np.abs(pair + 1.0 / (C - 1)).mean()) if pair.shape[0]
+        "maxangle": float(np.abs(pair + 1.0 / (C - 1)).mean())
+        if pair.shape[0]
         else abs(ideal),
         "mean_cos": float(pair.mean()) if pair.shape[0] else 0.0,
         "etf_gap": _etf_gap(G),
@@ -1132,10 +1276,19 @@ def _of_gap(means):
 
 
 def _empty_classifier_metrics():
-    names = ("equinorm_classifier", "equiangular_classifier",
-             "maxangle_classifier", "mean_cos_classifier",
-             "etf_gap_classifier", "rank_classifier", "self_duality",
-             "duality_gram_gap", "duality_cos", "duality_cos_cov", "bias_gap")
+    names = (
+        "equinorm_classifier",
+        "equiangular_classifier",
+        "maxangle_classifier",
+        "mean_cos_classifier",
+        "etf_gap_classifier",
+        "rank_classifier",
+        "self_duality",
+        "duality_gram_gap",
+        "duality_cos",
+        "duality_cos_cov",
+        "bias_gap",
+    )
     return dict.fromkeys(names)
 
 
@@ -1153,8 +1306,9 @@ def _classifier_metrics(stats, clf, opts, metrics, flags):
     metrics.update({f"{k}_classifier": v for k, v in frame.items()})
     spectrum = np.linalg.svd(Wk, compute_uv=False)
     metrics["rank_classifier"] = _numerical_rank(spectrum, stats.tau)
-    metrics.update(_duality(Wk, stats.centred, opts["ddof"], w_tol,
-                            stats.tau * stats.scale))
+    metrics.update(
+        _duality(Wk, stats.centred, opts["ddof"], w_tol, stats.tau * stats.scale)
+    )
     return spectrum
 
 
@@ -1198,17 +1352,20 @@ def _ncc_metrics(stats, sec, held):
     out = {
         "ncc_acc": sec.ncc_correct / n,
         "ncc_mismatch": (sec.n_pred - sec.ncc_agree) / sec.n_pred
-        if sec.n_pred else None,
+        if sec.n_pred
+        else None,
         "ncc_mismatch_against": "+".join(sorted(sec.decided_by)) or None,
-        "ncc_acc_heldout": None, "ncc_mismatch_heldout": None,
+        "ncc_acc_heldout": None,
+        "ncc_mismatch_heldout": None,
         "n_heldout": 0,
     }
     if held is not None and held["n"]:
         out["ncc_acc_heldout"] = held["correct"] / held["n"]
         out["n_heldout"] = held["n"]
         if held["n_pred"]:
-            out["ncc_mismatch_heldout"] = \
-                (held["n_pred"] - held["agree"]) / held["n_pred"]
+            out["ncc_mismatch_heldout"] = (held["n_pred"] - held["agree"]) / held[
+                "n_pred"
+            ]
     return out
 
 
@@ -1218,23 +1375,34 @@ def _degenerate_notes(stats, flags, messages):
     flags["no_simplex_etf"] = bool(C > D + 1)
     flags["singleton_classes"] = int(np.count_nonzero(stats.counts == 1))
     if C == 2:
-        messages.append("C = 2: centred means are always antipodal, NC2 is "
-                        "vacuous; rely on NC1, NC3 and the rank")
+        messages.append(
+            "C = 2: centred means are always antipodal, NC2 is "
+            "vacuous; rely on NC1, NC3 and the rank"
+        )
     if C > D + 1:
-        messages.append(f"C = {C} > D + 1 = {D + 1}: no simplex ETF exists; "
-                        "ETF gaps are bounded away from 0 by geometry")
+        messages.append(
+            f"C = {C} > D + 1 = {D + 1}: no simplex ETF exists; "
+            "ETF gaps are bounded away from 0 by geometry"
+        )
     if flags["coinciding_means"]:
-        messages.append(f"{flags['coinciding_means']} pair(s) of class means "
-                        "coincide: their CDNV is +inf and left out of the mean")
+        messages.append(
+            f"{flags['coinciding_means']} pair(s) of class means "
+            "coincide: their CDNV is +inf and left out of the mean"
+        )
     if flags["zero_centred_means"]:
-        messages.append(f"{flags['zero_centred_means']} centred mean(s) are "
-                        "zero: their cosines are undefined and left out")
+        messages.append(
+            f"{flags['zero_centred_means']} centred mean(s) are "
+            "zero: their cosines are undefined and left out"
+        )
     if flags["singleton_classes"]:
-        messages.append(f"{flags['singleton_classes']} class(es) hold one "
-                        "sample: V_c = 0 there")
+        messages.append(
+            f"{flags['singleton_classes']} class(es) hold one sample: V_c = 0 there"
+        )
     if stats.r == 0:
-        messages.append("all class means coincide: Sigma_B = 0, NC1 is an "
-                        "empty sum and the quotients are infinite")
+        messages.append(
+            "all class means coincide: Sigma_B = 0, NC1 is an "
+            "empty sum and the quotients are infinite"
+        )
 
 
 # --------------------------------------------------------------------------
@@ -1264,17 +1432,20 @@ def _l2_decomposition(stats, clf, sec, lam):
     Wt_ls = _solve_psd(A, R)
     W_ls, b_ls = Wt_ls[:, :D], Wt_ls[:, D]
     delta = np.hstack([clf.W, clf.b[:, None]]) - Wt_ls
-    loss = 0.5 * float(stats.pi @ (sec.resid_sq / stats.counts)) \
-        + 0.5 * lam * float((clf.W**2).sum() + (clf.b**2).sum())
-    fit = W_ls @ stats.centred.T + (W_ls @ mu_g + b_ls)[:, None] \
-        - clf.targets.T
+    loss = 0.5 * float(stats.pi @ (sec.resid_sq / stats.counts)) + 0.5 * lam * float(
+        (clf.W**2).sum() + (clf.b**2).sum()
+    )
+    fit = W_ls @ stats.centred.T + (W_ls @ mu_g + b_ls)[:, None] - clf.targets.T
     return L2Decomposition(
-        lam=float(lam), loss=loss,
-        nc1=0.5 * float(np.einsum("ij,jk,ik->", W_ls, Sw + lam * np.eye(D),
-                                  W_ls)) + 0.5 * lam * float(b_ls @ b_ls),
+        lam=float(lam),
+        loss=loss,
+        nc1=0.5 * float(np.einsum("ij,jk,ik->", W_ls, Sw + lam * np.eye(D), W_ls))
+        + 0.5 * lam * float(b_ls @ b_ls),
         nc23=0.5 * float(((fit**2) @ stats.pi).sum()),
         perp=0.5 * float(np.einsum("ij,jk,ik->", delta, A, delta)),
-        W_ls=W_ls, b_ls=b_ls)
+        W_ls=W_ls,
+        b_ls=b_ls,
+    )
 
 
 def _solve_psd(A, R):
@@ -1325,8 +1496,14 @@ def npy_chunks(features, labels, predictions=None, *, chunk_rows=CHUNK_ROWS):
     return chunks
 
 
-def npz_chunks(path, *, features="features", labels="labels",
-               predictions="predictions", chunk_rows=CHUNK_ROWS):
+def npz_chunks(
+    path,
+    *,
+    features="features",
+    labels="labels",
+    predictions="predictions",
+    chunk_rows=CHUNK_ROWS,
+):
     """Stream arrays of an ``.npz`` archive without loading them whole.
 
     ``np.load`` cannot memory-map an ``.npz`` member, so each member is
@@ -1351,8 +1528,9 @@ def npz_chunks(path, *, features="features", labels="labels",
         present = {n[:-4] for n in archive.namelist() if n.endswith(".npy")}
     for name in (features, labels):
         if name not in present:
-            raise ValueError(f"{path}: no array {name!r}; found "
-                             f"{sorted(present) or 'none'}")
+            raise ValueError(
+                f"{path}: no array {name!r}; found {sorted(present) or 'none'}"
+            )
     names = [features, labels]
     if predictions is not None and predictions in present:
         names.append(predictions)
@@ -1361,8 +1539,9 @@ def npz_chunks(path, *, features="features", labels="labels",
         with zipfile.ZipFile(path) as archive:
             handles = [archive.open(n + ".npy") for n in names]
             try:
-                yield from _read_rows(handles, [f"{path}:{n}" for n in names],
-                                      chunk_rows)
+                yield from _read_rows(
+                    handles, [f"{path}:{n}" for n in names], chunk_rows
+                )
             finally:
                 for fh in handles:
                     fh.close()
@@ -1384,11 +1563,14 @@ def _npy_header(fh, where):
     except ValueError as exc:
         raise ValueError(f"{where}: not a readable .npy array ({exc})") from exc
     if dtype.hasobject:
-        raise ValueError(f"{where}: object arrays cannot be streamed; save a "
-                         "numeric array")
+        raise ValueError(
+            f"{where}: object arrays cannot be streamed; save a numeric array"
+        )
     if fortran and len(shape) > 1 and min(shape) > 1:
-        raise ValueError(f"{where}: Fortran-ordered; save "
-                         "np.ascontiguousarray(a) to stream it by rows")
+        raise ValueError(
+            f"{where}: Fortran-ordered; save "
+            "np.ascontiguousarray(a) to stream it by rows"
+        )
     return shape, dtype
 
 
@@ -1398,12 +1580,15 @@ def _read_rows(handles, names, chunk_rows):
     n_rows = headers[0][0][0] if headers[0][0] else 0
     for (shape, _), name in zip(headers, names):
         if not shape or shape[0] != n_rows:
-            raise ValueError(f"{name}: shape {shape}, expected {n_rows} rows "
-                             f"like {names[0]}")
+            raise ValueError(
+                f"{name}: shape {shape}, expected {n_rows} rows like {names[0]}"
+            )
     for start in range(0, n_rows, int(chunk_rows)):
         rows = min(int(chunk_rows), n_rows - start)
-        yield tuple(_read_block(fh, shape, dtype, rows, name) for fh, name,
-                    (shape, dtype) in zip(handles, names, headers))
+        yield tuple(
+            _read_block(fh, shape, dtype, rows, name)
+            for fh, name, (shape, dtype) in zip(handles, names, headers)
+        )
 
 
 def _read_block(fh, shape, dtype, rows, name):
@@ -1411,8 +1596,9 @@ def _read_block(fh, shape, dtype, rows, name):
     nbytes = rows * width * dtype.itemsize
     data = fh.read(nbytes)
     if len(data) != nbytes:
-        raise ValueError(f"{name}: file ends early ({len(data)} of {nbytes} "
-                         "bytes in the last chunk)")
+        raise ValueError(
+            f"{name}: file ends early ({len(data)} of {nbytes} bytes in the last chunk)"
+        )
     return np.frombuffer(data, dtype=dtype).reshape((rows,) + tuple(shape[1:]))
 
 
@@ -1444,8 +1630,7 @@ def network_decisions(outputs, targets=None, loss="l2"):
         return F.argmax(axis=1)
     Y = np.asarray(targets, dtype=np.float64)
     if Y.ndim != 2 or Y.shape[1] != F.shape[1]:
-        raise ValueError(f"targets must have shape (C, {F.shape[1]}), got "
-                         f"{Y.shape}")
+        raise ValueError(f"targets must have shape (C, {F.shape[1]}), got {Y.shape}")
     d2 = (Y * Y).sum(axis=1) - 2.0 * F @ Y.T
     return d2.argmin(axis=1)
 
@@ -1494,12 +1679,20 @@ def truncation_features(cumulative, X):
     """
     from .truncation import truncation_chain
 
-    return truncation_chain([W for W, _ in cumulative],
-                            [b for _, b in cumulative], X)
+    return truncation_chain([W for W, _ in cumulative], [b for _, b in cumulative], X)
 
 
-def metrics_per_layer(features, labels, *, classifiers=None, predictions=None,
-                      heldout=None, names=None, progress=None, **options):
+def metrics_per_layer(
+    features,
+    labels,
+    *,
+    classifiers=None,
+    predictions=None,
+    heldout=None,
+    names=None,
+    progress=None,
+    **options,
+):
     """Collapse metrics of every layer's features, with training means.
 
     Parameters
@@ -1527,27 +1720,45 @@ def metrics_per_layer(features, labels, *, classifiers=None, predictions=None,
     list of CollapseResult, one per layer
     """
     classifiers = {} if classifiers is None else dict(classifiers)
-    names = [f"layer {l}" for l in range(len(features))] if names is None \
-        else list(names)
+    names = (
+        [f"layer {l}" for l in range(len(features))] if names is None else list(names)
+    )
     if len(names) != len(features):
-        raise ValueError(f"names has {len(names)} entries for "
-                         f"{len(features)} layers")
+        raise ValueError(f"names has {len(names)} entries for {len(features)} layers")
     results = []
     for l, H in enumerate(features):
         W, b = classifiers.get(l, (None, None))
         held = None
         if heldout is not None:
             held = (heldout[0][l],) + tuple(heldout[1:])
-        results.append(collapse_metrics(
-            H, labels, W=W, b=b, predictions=predictions, heldout=held,
-            source=names[l], **options))
+        results.append(
+            collapse_metrics(
+                H,
+                labels,
+                W=W,
+                b=b,
+                predictions=predictions,
+                heldout=held,
+                source=names[l],
+                **options,
+            )
+        )
         if progress is not None:
             progress(l + 1, len(features))
     return results
 
 
-def network_collapse(params, X, labels, *, activation="relu", targets=None,
-                     heldout=None, progress=None, **options):
+def network_collapse(
+    params,
+    X,
+    labels,
+    *,
+    activation="relu",
+    targets=None,
+    heldout=None,
+    progress=None,
+    **options,
+):
     """Collapse metrics of every layer of an MLP on its own data.
 
     Features are ``[X, a^1, ..., a^L, f(X)]``; the output layer is the
@@ -1584,11 +1795,17 @@ def network_collapse(params, X, labels, *, activation="relu", targets=None,
     held = None
     if heldout is not None:
         held_feats = layer_features(params, heldout[0], activation)
-        held = (held_feats, heldout[1],
-                network_decisions(held_feats[-1], Y, loss))
+        held = (held_feats, heldout[1], network_decisions(held_feats[-1], Y, loss))
     L = len(params) - 1
     names = ["input"] + [f"hidden {l}" for l in range(1, L + 1)] + ["output"]
     return metrics_per_layer(
-        features, labels, classifiers={L: params[-1]}, predictions=pred,
-        heldout=held, names=names, progress=progress,
-        targets=None if targets is None else Y, **options)
+        features,
+        labels,
+        classifiers={L: params[-1]},
+        predictions=pred,
+        heldout=held,
+        names=names,
+        progress=progress,
+        targets=None if targets is None else Y,
+        **options,
+    )

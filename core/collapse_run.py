@@ -15,18 +15,42 @@ import numpy as np
 
 from . import collapse as nc
 from . import store
-from .runs import (RunFailure, _finish, _finite_or_none, _open_writer,
-                   _write_spec_and_data, base_summary, deep_construction, flow_options,
-                   flow_targets, initial_params, make_dataset)
+from .runs import (
+    RunFailure,
+    _finish,
+    _finite_or_none,
+    _open_writer,
+    _write_spec_and_data,
+    base_summary,
+    deep_construction,
+    flow_options,
+    flow_targets,
+    initial_params,
+    make_dataset,
+)
 
-ROW_KEYS = ("nc1", "nc1_quotient", "cdnv", "equinorm_means", "equiangular_means",
-            "maxangle_means", "self_duality", "ncc_mismatch", "rank", "ncc_acc")
+ROW_KEYS = (
+    "nc1",
+    "nc1_quotient",
+    "cdnv",
+    "equinorm_means",
+    "equiangular_means",
+    "maxangle_means",
+    "self_duality",
+    "ncc_mismatch",
+    "rank",
+    "ncc_acc",
+)
 
 
 def metric_options(ccfg):
     """Keywords of collapse_metrics from a ``collapse:`` block."""
-    return {"weighting": ccfg.weighting, "ddof": ccfg.ddof, "rank_tol": ccfg.rank_tol,
-            "center_classifier": ccfg.center_classifier}
+    return {
+        "weighting": ccfg.weighting,
+        "ddof": ccfg.ddof,
+        "rank_tol": ccfg.rank_tol,
+        "center_classifier": ccfg.center_classifier,
+    }
 
 
 def run_collapse(run, progress=None):
@@ -56,17 +80,31 @@ def run_collapse(run, progress=None):
 
 # ----------------------------------------------------------- feature sources
 
+
 def _of_construct(w, summary, run, base_dir, progress):
     cfg = run.config
     ds = make_dataset(cfg.data, run.rng("data"), base_dir)
     _write_spec_and_data(w, run, ds)
     result = deep_construction(ds, cfg.construct, cfg.network.hidden)
     if not result.layers:
-        return "failed", f"the construction failed, nothing to measure: {result.message}"
+        return (
+            "failed",
+            f"the construction failed, nothing to measure: {result.message}",
+        )
     store.store_layers(w, "network", result.layers)
     cumulative = result.cumulative[:-1] if cfg.collapse.truncation else None
-    _per_layer(w, summary, result.layers, "relu", ds.X, ds.labels, ds.Y, cfg.collapse,
-               cumulative, progress)
+    _per_layer(
+        w,
+        summary,
+        result.layers,
+        "relu",
+        ds.X,
+        ds.labels,
+        ds.Y,
+        cfg.collapse,
+        cumulative,
+        progress,
+    )
     return "ok", result.message
 
 
@@ -84,12 +122,34 @@ def _of_result(w, summary, run, base_dir, progress):
     w.array("data", "labels", labels)
     traj = res.get("trajectory", {})
     if "theta" in traj:
-        _along_orbit(w, summary, net.layers, net.activation, X, labels, net.Y, traj,
-                     cfg.collapse, progress)
+        _along_orbit(
+            w,
+            summary,
+            net.layers,
+            net.activation,
+            X,
+            labels,
+            net.Y,
+            traj,
+            cfg.collapse,
+            progress,
+        )
         return "ok", ""
-    cumulative = net.cumulative[:-1] if net.cumulative and cfg.collapse.truncation else None
-    _per_layer(w, summary, net.layers, net.activation, X, labels, net.Y, cfg.collapse,
-               cumulative, progress)
+    cumulative = (
+        net.cumulative[:-1] if net.cumulative and cfg.collapse.truncation else None
+    )
+    _per_layer(
+        w,
+        summary,
+        net.layers,
+        net.activation,
+        X,
+        labels,
+        net.Y,
+        cfg.collapse,
+        cumulative,
+        progress,
+    )
     return "ok", ""
 
 
@@ -110,10 +170,24 @@ def _of_flow(w, summary, run, base_dir, progress):
     for key, value in traj.items():
         w.array("trajectory", key, value)
     store.store_layers(w, "network", result.params)
-    summary.update(cost_initial=result.cost_initial, cost_final=result.cost_final,
-                   s_final=result.s_final, flow_kind=cfg.flow.kind)
-    _along_orbit(w, summary, result.params, cfg.network.activation, ds.X, ds.labels, ds.Y,
-                 traj, cfg.collapse, progress)
+    summary.update(
+        cost_initial=result.cost_initial,
+        cost_final=result.cost_final,
+        s_final=result.s_final,
+        flow_kind=cfg.flow.kind,
+    )
+    _along_orbit(
+        w,
+        summary,
+        result.params,
+        cfg.network.activation,
+        ds.X,
+        ds.labels,
+        ds.Y,
+        traj,
+        cfg.collapse,
+        progress,
+    )
     return result.status, result.message
 
 
@@ -142,8 +216,10 @@ def features_file_metrics(path, options, progress=None):
         names = {Path(n).stem for n in zf.namelist()}
     missing = {"features", "labels"} - names
     if missing:
-        raise RunFailure(f"{path}: missing array(s) {', '.join(sorted(missing))}; found "
-                         f"{', '.join(sorted(names))}; expected features (N, D), labels (N,)")
+        raise RunFailure(
+            f"{path}: missing array(s) {', '.join(sorted(missing))}; found "
+            f"{', '.join(sorted(names))}; expected features (N, D), labels (N,)"
+        )
     small = {}
     with np.load(path, allow_pickle=False) as f:
         for key in ("W", "b"):
@@ -154,23 +230,40 @@ def features_file_metrics(path, options, progress=None):
     chunks = nc.npz_chunks(path, predictions="predictions" if has_pred else None)
     held = None
     if {"heldout_features", "heldout_labels"} <= names:
-        held = nc.npz_chunks(path, features="heldout_features", labels="heldout_labels",
-                             predictions=None)
-    return nc.collapse_metrics_streaming(chunks, heldout_factory=held, progress=progress,
-                                         **small, **options)
+        held = nc.npz_chunks(
+            path, features="heldout_features", labels="heldout_labels", predictions=None
+        )
+    return nc.collapse_metrics_streaming(
+        chunks, heldout_factory=held, progress=progress, **small, **options
+    )
 
 
 def _of_effective(w, summary, run, base_dir, progress):
     from . import effective as eff
 
     e = run.config.effective
-    scen = eff.effective_scenario(e.dim, e.points, e.radius, run.rng("data"),
-                                  rotation=e.rotation, truncated=e.truncated,
-                                  n_clusters=e.clusters, trapped=e.trapped)
+    scen = eff.effective_scenario(
+        e.dim,
+        e.points,
+        e.radius,
+        run.rng("data"),
+        rotation=e.rotation,
+        truncated=e.truncated,
+        n_clusters=e.clusters,
+        trapped=e.trapped,
+    )
     result = eff.integrate_effective(
-        scen.clusters, scen.y_tilde, scen.beta0, scen.R0, time=e.time, step=e.step,
-        method=e.method, freeze_R=e.freeze_R, record=e.record,
-        progress=None if progress is None else (lambda s, T: progress(min(s, T), T)))
+        scen.clusters,
+        scen.y_tilde,
+        scen.beta0,
+        scen.R0,
+        time=e.time,
+        step=e.step,
+        method=e.method,
+        freeze_R=e.freeze_R,
+        record=e.record,
+        progress=None if progress is None else (lambda s, T: progress(min(s, T), T)),
+    )
     for c, pts in enumerate(scen.clusters):
         w.array("effective/clusters", f"cluster{c}", pts)
     w.array("effective", "y_tilde", scen.y_tilde)
@@ -178,36 +271,48 @@ def _of_effective(w, summary, run, base_dir, progress):
         w.array("effective", key, np.asarray(value))
     values = {k: v for k, v in result.as_dict().items() if k != "wall_time"}
     w.set_attrs("effective", **{k: v for k, v in values.items() if v is not None})
-    summary.update({k: _finite_or_none(v) if isinstance(v, float) else v
-                    for k, v in values.items()})
+    summary.update({
+        k: _finite_or_none(v) if isinstance(v, float) else v for k, v in values.items()
+    })
     summary.update(cost=values.get("final_cost"), cost_kind="effective")
     return "ok", values.get("message", "")
 
 
-SOURCES = {"construct": _of_construct, "result": _of_result, "flow": _of_flow,
-           "features": _of_features, "effective": _of_effective}
+SOURCES = {
+    "construct": _of_construct,
+    "result": _of_result,
+    "flow": _of_flow,
+    "features": _of_features,
+    "effective": _of_effective,
+}
 
 
 # --------------------------------------------------------------- measuring
 
-def _per_layer(w, summary, layers, activation, X, labels, Y, ccfg, cumulative, progress):
+
+def _per_layer(
+    w, summary, layers, activation, X, labels, Y, ccfg, cumulative, progress
+):
     """Metrics of every layer's features, and of the truncation images."""
     opts = metric_options(ccfg)
-    results = nc.network_collapse(layers, X, labels, activation=activation, targets=Y,
-                                  progress=progress, **opts)
+    results = nc.network_collapse(
+        layers, X, labels, activation=activation, targets=Y, progress=progress, **opts
+    )
     _store_rows(w, "collapse", results, _layer_names(len(layers) + 1))
     if cumulative:
         images = nc.truncation_features(cumulative, X)
         trunc = nc.metrics_per_layer(images, labels, **opts)
-        _store_rows(w, "collapse/truncation", trunc,
-                    [f"tau {l}" for l in range(len(images))])
+        _store_rows(
+            w, "collapse/truncation", trunc, [f"tau {l}" for l in range(len(images))]
+        )
     summary.update(_row(results[-2]))
     summary["layers"] = len(layers) - 1
     summary["measured_layer"] = "last hidden"
 
 
-def _along_orbit(w, summary, final_layers, activation, X, labels, Y, traj, ccfg,
-                 progress):
+def _along_orbit(
+    w, summary, final_layers, activation, X, labels, Y, traj, ccfg, progress
+):
     """Metrics of every layer at every recorded time of a flow."""
     from . import network
 
@@ -216,8 +321,16 @@ def _along_orbit(w, summary, final_layers, activation, X, labels, Y, traj, ccfg,
     per_time = []
     for k, theta in enumerate(thetas):
         params = network.unflatten(theta, widths)
-        per_time.append(nc.network_collapse(params, X, labels, activation=activation,
-                                            targets=Y, **metric_options(ccfg)))
+        per_time.append(
+            nc.network_collapse(
+                params,
+                X,
+                labels,
+                activation=activation,
+                targets=Y,
+                **metric_options(ccfg),
+            )
+        )
         if progress is not None:
             progress(k + 1, len(thetas))
     # collapse/: the last hidden layer against s; collapse/by_layer/: (time, layer)
@@ -236,16 +349,33 @@ def _along_orbit(w, summary, final_layers, activation, X, labels, Y, traj, ccfg,
     summary["measured_layer"] = "last hidden, final time"
 
 
-BOOKKEEPING = ("n_", "min_", "max_class", "dim", "ddof", "rank_tol", "l2_lam", "flag_",
-               "log10_", "wall")  # numbers about the input, not collapse metrics
+BOOKKEEPING = (
+    "n_",
+    "min_",
+    "max_class",
+    "dim",
+    "ddof",
+    "rank_tol",
+    "l2_lam",
+    "flag_",
+    "log10_",
+    "wall",
+)  # numbers about the input, not collapse metrics
 
 
 def _numeric_keys(result):
     """The metric names of a result (what gets one stored array each)."""
-    return [k for k, v in result.as_dict().items()
-            if not k.startswith(BOOKKEEPING) and (
-                isinstance(v, (int, float, np.integer, np.floating))
-                and not isinstance(v, bool) or v is None and k in ROW_KEYS)]
+    return [
+        k
+        for k, v in result.as_dict().items()
+        if not k.startswith(BOOKKEEPING)
+        and (
+            isinstance(v, (int, float, np.integer, np.floating))
+            and not isinstance(v, bool)
+            or v is None
+            and k in ROW_KEYS
+        )
+    ]
 
 
 def _num(value):
@@ -267,8 +397,11 @@ def _store_rows(w, group, results, names):
 
 def _options_of(result):
     d = result.as_dict()
-    return {k: d[k] for k in ("weighting", "ddof", "rank_tol", "center_classifier", "loss")
-            if k in d}
+    return {
+        k: d[k]
+        for k in ("weighting", "ddof", "rank_tol", "center_classifier", "loss")
+        if k in d
+    }
 
 
 def _row(result):

@@ -25,6 +25,7 @@ C0_LIMIT = 0.25  # assumption (ii): delta < c0 * min |mean - barycenter|, c0 < 1
 
 # --------------------------------------------------------------------- costs
 
+
 @dataclass
 class ClassStats:
     """Per-class means and the spread of the data about them.
@@ -52,8 +53,12 @@ def class_stats(X, labels, Q=None):
     sizes = np.bincount(labels, minlength=Q)
     if np.any(sizes == 0):
         empty = np.flatnonzero(sizes == 0).tolist()
-        raise ValueError(f"classes {empty} have no points; every class needs at least one")
-    means = np.stack([np.bincount(labels, weights=col, minlength=Q) for col in X.T], axis=1)
+        raise ValueError(
+            f"classes {empty} have no points; every class needs at least one"
+        )
+    means = np.stack(
+        [np.bincount(labels, weights=col, minlength=Q) for col in X.T], axis=1
+    )
     means /= sizes[:, None]
     dev = X - means[labels]
     delta = float(np.sqrt(np.einsum("ij,ij->i", dev, dev).max()))
@@ -126,6 +131,7 @@ def forward_relu(layers, X):
 
 # ----------------------------------------------------------- output layer
 
+
 @dataclass
 class OutputFit:
     """Weighted least-squares output layer ``z -> A z + c`` (reference section 8).
@@ -181,6 +187,7 @@ def fit_output(Z, labels, Y, intercept=False):
 
 # ------------------------------------------------------------- assumptions
 
+
 @dataclass
 class Conditions:
     """Assumptions (i)-(iii) of Construction A, as numbers.
@@ -221,9 +228,13 @@ class Conditions:
 
     def as_dict(self):
         return {
-            "delta": self.delta, "radius": self.radius, "c0": self.c0,
-            "theta_star": self.theta_star, "max_theta_j": float(np.max(self.theta_j)),
-            "mean_rank": self.rank, "mean_cond": self.mean_cond,
+            "delta": self.delta,
+            "radius": self.radius,
+            "c0": self.c0,
+            "theta_star": self.theta_star,
+            "max_theta_j": float(np.max(self.theta_j)),
+            "mean_rank": self.rank,
+            "mean_cond": self.mean_cond,
         }
 
 
@@ -259,7 +270,8 @@ def clustered_conditions(X, labels, radius=None, theta0=THETA0, Q=None):
     if rank < Q:
         failures.append(
             f"assumption (i) fails: the {Q} class means are linearly dependent "
-            f"(rank {rank}, smallest singular value {sv[-1] if len(sv) >= Q else 0:.3g}); "
+            f"(rank {rank}, smallest singular value "
+            f"{sv[-1] if len(sv) >= Q else 0:.3g}); "
             "the input dimension must be at least the number of classes"
         )
     c0 = float(r / dist_bary.min()) if dist_bary.min() > 0 else np.inf
@@ -274,8 +286,8 @@ def clustered_conditions(X, labels, radius=None, theta0=THETA0, Q=None):
     if np.isfinite(max_theta) and max_theta >= np.pi:
         j = int(theta_j.argmax())
         failures.append(
-            f"assumption (iii) fails: theta*_{j} = {np.degrees(max_theta):.2f} deg is not "
-            f"below 180 deg (over by {np.degrees(max_theta - np.pi):.2f} deg); "
+            f"assumption (iii) fails: theta*_{j} = {np.degrees(max_theta):.2f} deg "
+            f"is not below 180 deg (over by {np.degrees(max_theta - np.pi):.2f} deg); "
             "the other clusters do not fit in one cone seen from class "
             f"{j}; use a smaller data.radius"
         )
@@ -290,7 +302,7 @@ def clustered_conditions(X, labels, radius=None, theta0=THETA0, Q=None):
 
 
 def _class_angles(means, f, r, failures):
-    """theta*_j = 2 max_k [angle(mean_k - mean_j, f_j) + arcsin(4r/|mean_k - mean_j|)]."""
+    """theta*_j = 2 max_k [angle(m_k - m_j, f_j) + arcsin(4r / |m_k - m_j|)]."""
     Q = means.shape[0]
     theta = np.zeros(Q)
     for j in range(Q):
@@ -303,9 +315,10 @@ def _class_angles(means, f, r, failures):
             if 4 * r >= dist:
                 if j < k:  # report each pair once
                     failures.append(
-                        f"assumption (iii) fails: 4 * radius = {4 * r:.4g} is not below "
-                        f"the distance {dist:.4g} of the means of classes {j} and {k} "
-                        f"(over by {4 * r / dist - 1:.1%}); use a smaller data.radius"
+                        f"assumption (iii) fails: 4 * radius = {4 * r:.4g} is not "
+                        f"below the distance {dist:.4g} of the means of classes {j} "
+                        f"and {k} (over by {4 * r / dist - 1:.1%}); use a smaller "
+                        "data.radius"
                     )
                 worst = np.inf
                 break
@@ -315,6 +328,7 @@ def _class_angles(means, f, r, failures):
 
 
 # ------------------------------------------------------------ construction
+
 
 @dataclass
 class Construction:
@@ -373,9 +387,21 @@ class Construction:
         return forward_relu(self.layers, X)
 
 
-def build_clustered(X, labels, Y, *, mu_factor=MU_FACTOR, theta0=THETA0,
-                    radius=None, order=None, hidden_layers=None, strict=True,
-                    intercept=False, keep_rows=None, progress=None):
+def build_clustered(
+    X,
+    labels,
+    Y,
+    *,
+    mu_factor=MU_FACTOR,
+    theta0=THETA0,
+    radius=None,
+    order=None,
+    hidden_layers=None,
+    strict=True,
+    intercept=False,
+    keep_rows=None,
+    progress=None,
+):
     """Build a zero-cost ReLU network for clustered data (Construction A).
 
     Layer ``l`` sends class ``order[l]`` to its apex
@@ -416,7 +442,9 @@ def build_clustered(X, labels, Y, *, mu_factor=MU_FACTOR, theta0=THETA0,
     Q = Y.shape[0]
     check_build_args(X, labels, Y, mu_factor, order, hidden_layers)
     cond = clustered_conditions(X, labels, radius, theta0, Q)
-    hard = cond.rank < Q or not np.isfinite(cond.theta_j).all() or cond.theta_star >= np.pi
+    hard = (
+        cond.rank < Q or not np.isfinite(cond.theta_j).all() or cond.theta_star >= np.pi
+    )
     if cond.failures and (strict or hard):
         return Construction("failed", "; ".join(cond.failures), cond)
 
@@ -453,11 +481,20 @@ def build_clustered(X, labels, Y, *, mu_factor=MU_FACTOR, theta0=THETA0,
     try:
         fit = fit_output(X_cur, labels, Y, intercept)
     except ValueError as exc:  # keep any certificate failure that caused it
-        return Construction("failed", "; ".join(failures + [str(exc)]), cond,
-                            apexes=apexes, order=order, certified=not failures,
-                            margins=np.array(margins).reshape(-1, 2), truncated=truncated)
+        return Construction(
+            "failed",
+            "; ".join(failures + [str(exc)]),
+            cond,
+            apexes=apexes,
+            order=order,
+            certified=not failures,
+            margins=np.array(margins).reshape(-1, 2),
+            truncated=truncated,
+        )
     cumulative.append((fit.A, fit.c))
-    Ws, bs = tr.layers_from_cumulative([w for w, _ in cumulative], [b for _, b in cumulative])
+    Ws, bs = tr.layers_from_cumulative(
+        [w for w, _ in cumulative], [b for _, b in cumulative]
+    )
     layers = list(zip(Ws, bs))
     cumulative, layers = pad_identity(cumulative, layers, L - n_cone)
 
@@ -465,7 +502,9 @@ def build_clustered(X, labels, Y, *, mu_factor=MU_FACTOR, theta0=THETA0,
     via_truncation = X_cur @ fit.A.T + fit.c
     notes = failures or cond.failures
     if n_cone < Q:
-        notes = notes + [f"only {n_cone} of {Q} classes collapsed with {L} hidden layers"]
+        notes = notes + [
+            f"only {n_cone} of {Q} classes collapsed with {L} hidden layers"
+        ]
     if progress is not None:
         progress(n_cone + 1, n_cone + 1)
     return Construction(
@@ -490,11 +529,15 @@ def build_clustered(X, labels, Y, *, mu_factor=MU_FACTOR, theta0=THETA0,
 def check_build_args(X, labels, Y, mu_factor, order, hidden_layers):
     Q = Y.shape[0]
     if X.ndim != 2 or labels.shape != (X.shape[0],):
-        raise ValueError(f"expected X (N, M) and labels (N,), got {X.shape} and {labels.shape}")
+        raise ValueError(
+            f"expected X (N, M) and labels (N,), got {X.shape} and {labels.shape}"
+        )
     if not 2.0 < mu_factor < 3.0:
         raise ValueError(f"mu_factor must lie in (2, 3), got {mu_factor}")
     if order is not None and sorted(int(j) for j in order) != list(range(Q)):
-        raise ValueError(f"order must be a permutation of 0..{Q - 1}, got {list(order)}")
+        raise ValueError(
+            f"order must be a permutation of 0..{Q - 1}, got {list(order)}"
+        )
     if hidden_layers is not None and hidden_layers < 1:
         raise ValueError(f"hidden_layers must be at least 1, got {hidden_layers}")
 
@@ -514,8 +557,10 @@ def pad_identity(cumulative, layers, extra):
     d = W_last.shape[0]
     ident = [(np.eye(d), np.zeros(d))] * extra
     repeats = [(W_last.copy(), b_last.copy())] * extra
-    return (cumulative[:-1] + repeats + cumulative[-1:],
-            layers[:-1] + ident + layers[-1:])
+    return (
+        cumulative[:-1] + repeats + cumulative[-1:],
+        layers[:-1] + ident + layers[-1:],
+    )
 
 
 def weight_count(layers):

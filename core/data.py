@@ -52,7 +52,7 @@ class Dataset:
     targets: np.ndarray | None = None
 
     def sample_targets(self):
-        """Per-sample targets, shape (n_samples, out_dim): given ones or ``Y[labels]``."""
+        """Per-sample targets, shape (n_samples, out_dim): given, or ``Y[labels]``."""
         return self.Y[self.labels] if self.targets is None else self.targets
 
     @property
@@ -67,7 +67,9 @@ class Dataset:
         """Fresh points from the same generator, or None for loaded data."""
         if self.centers is None:
             return None
-        X, labels = draw_clusters(self.centers, sizes, self.radius, self.distribution, rng)
+        X, labels = draw_clusters(
+            self.centers, sizes, self.radius, self.distribution, rng
+        )
         return X, labels
 
 
@@ -110,14 +112,16 @@ def draw_clusters(centers, sizes, radius, distribution, rng):
         elif distribution == "gaussian":
             D = rng.standard_normal((int(sizes[j]), dim)) * (radius / np.sqrt(dim))
         else:
-            raise DataError(f"distribution must be 'ball' or 'gaussian', got {distribution!r}")
+            raise DataError(
+                f"distribution must be 'ball' or 'gaussian', got {distribution!r}"
+            )
         blocks.append(centers[j] + D)
     labels = np.repeat(np.arange(Q), np.asarray(sizes, dtype=int))
     return np.vstack(blocks), labels
 
 
 def simplex_means(Q, dim, scale):
-    """Scaled simplex corners ``scale * e_j`` in the first Q coordinates, shape (Q, dim)."""
+    """Scaled simplex corners ``scale * e_j`` in the first Q coordinates, (Q, dim)."""
     means = np.zeros((Q, dim))
     means[np.arange(Q), np.arange(Q)] = scale
     return means
@@ -141,8 +145,20 @@ def random_means(Q, dim, scale, separation, rng):
     )
 
 
-def clusters(Q, dim, sizes, radius, rng, *, distribution="ball", layout="simplex",
-             scale=1.0, separation=None, means=None, targets=None):
+def clusters(
+    Q,
+    dim,
+    sizes,
+    radius,
+    rng,
+    *,
+    distribution="ball",
+    layout="simplex",
+    scale=1.0,
+    separation=None,
+    means=None,
+    targets=None,
+):
     """Q clusters in R^dim, uniform in balls or Gaussian about chosen means.
 
     Parameters
@@ -164,7 +180,11 @@ def clusters(Q, dim, sizes, radius, rng, *, distribution="ball", layout="simplex
     -------
     Dataset
     """
-    sizes = np.full(Q, sizes, dtype=int) if np.isscalar(sizes) else np.asarray(sizes, dtype=int)
+    sizes = (
+        np.full(Q, sizes, dtype=int)
+        if np.isscalar(sizes)
+        else np.asarray(sizes, dtype=int)
+    )
     if layout == "simplex":
         centers = simplex_means(Q, dim, scale)
     elif layout == "random":
@@ -176,8 +196,15 @@ def clusters(Q, dim, sizes, radius, rng, *, distribution="ball", layout="simplex
         raise DataError(f"layout must be simplex, random or given, got {layout!r}")
     X, labels = draw_clusters(centers, sizes, radius, distribution, rng)
     Y = one_hot(Q) if targets is None else np.asarray(targets, dtype=float)
-    return Dataset(X, labels, Y, centers=centers, radius=float(radius),
-                   distribution=distribution, source=f"clusters ({layout}, {distribution})")
+    return Dataset(
+        X,
+        labels,
+        Y,
+        centers=centers,
+        radius=float(radius),
+        distribution=distribution,
+        source=f"clusters ({layout}, {distribution})",
+    )
 
 
 def _encode_labels(raw, where):
@@ -197,13 +224,16 @@ def load_npz(path, targets=None):
     path = Path(path)
     with np.load(path, allow_pickle=False) as f:
         names = set(f.files)
-        missing = [k for k in ("X", "labels") if k not in names
-                   and not (k == "labels" and "targets" in names)]
+        missing = [
+            k
+            for k in ("X", "labels")
+            if k not in names and not (k == "labels" and "targets" in names)
+        ]
         if missing:
             raise DataError(
                 f"{path}: missing array(s) {', '.join(missing)}; found "
-                f"{', '.join(sorted(names)) or 'none'}; expected X (N, M), labels (N,), "
-                "optional Y (Q, Q) or targets (N, Q)"
+                f"{', '.join(sorted(names)) or 'none'}; expected X (N, M), "
+                "labels (N,), optional Y (Q, Q) or targets (N, Q)"
             )
         X = np.asarray(f["X"], dtype=float)
         raw = f["labels"] if "labels" in names else np.zeros(X.shape[0], dtype=int)
@@ -213,8 +243,10 @@ def load_npz(path, targets=None):
     ds = _finish_loaded(path, X, raw, Y if targets is None else targets, extra)
     if T is not None:
         if T.ndim != 2 or T.shape[0] != X.shape[0] or not np.all(np.isfinite(T)):
-            raise DataError(f"{path}: targets must be finite, shape (N, out_dim) with "
-                            f"N = {X.shape[0]}, got shape {T.shape}")
+            raise DataError(
+                f"{path}: targets must be finite, shape (N, out_dim) with "
+                f"N = {X.shape[0]}, got shape {T.shape}"
+            )
         ds.targets = T
     return ds
 
@@ -236,7 +268,9 @@ def load_csv(path, targets=None):
         names = [h.strip().lower() for h in header]
         col = next((i for i, h in enumerate(names) if h in ("label", "class")), None)
         if col is None:
-            raise DataError(f"{path}: header has no 'label' column; found {', '.join(header)}")
+            raise DataError(
+                f"{path}: header has no 'label' column; found {', '.join(header)}"
+            )
         rows = rows[1:]
     else:
         col = len(header) - 1
@@ -271,7 +305,9 @@ def _finish_loaded(path, X, raw, Y, extra):
     Q = classes.size
     Y = one_hot(Q) if Y is None else np.asarray(Y, dtype=float)
     if Y.ndim != 2 or Y.shape[0] != Q:
-        raise DataError(f"{path}: Y must have one row per class ({Q}), got shape {Y.shape}")
+        raise DataError(
+            f"{path}: Y must have one row per class ({Q}), got shape {Y.shape}"
+        )
     extra = dict(extra, class_values=classes)
     return Dataset(X, labels, Y, source=f"file {path.name}", extra=extra)
 
@@ -285,7 +321,9 @@ def load_file(path, targets=None):
         return load_npz(path, targets)
     if path.suffix == ".csv":
         return load_csv(path, targets)
-    raise DataError(f"{path}: unknown data file type {path.suffix!r}; allowed: .npz, .csv")
+    raise DataError(
+        f"{path}: unknown data file type {path.suffix!r}; allowed: .npz, .csv"
+    )
 
 
 SKLEARN_SETS = ("iris", "wine", "breast_cancer", "digits")
@@ -309,13 +347,16 @@ def load_sklearn(name, standardize=True, dim=None):
         One-hot targets; ``extra["feature_names"]`` when known.
     """
     if name not in SKLEARN_SETS:
-        raise DataError(f"unknown scikit-learn dataset {name!r}; allowed: "
-                        + ", ".join(SKLEARN_SETS))
+        raise DataError(
+            f"unknown scikit-learn dataset {name!r}; allowed: "
+            + ", ".join(SKLEARN_SETS)
+        )
     try:
         from sklearn import datasets
     except ImportError as exc:
-        raise DataError("source: sklearn needs scikit-learn: pip install 'dlmin[sklearn]'") \
-            from exc
+        raise DataError(
+            "source: sklearn needs scikit-learn: pip install 'dlmin[sklearn]'"
+        ) from exc
     bunch = getattr(datasets, f"load_{name}")()
     X = np.asarray(bunch.data, dtype=float)
     if standardize:
@@ -325,14 +366,21 @@ def load_sklearn(name, standardize=True, dim=None):
     if dim is not None:
         X = pca(X, dim)
     labels, classes = _encode_labels(bunch.target, name)
-    return Dataset(X, labels, one_hot(classes.size), source=f"sklearn {name}",
-                   extra={"class_values": classes})
+    return Dataset(
+        X,
+        labels,
+        one_hot(classes.size),
+        source=f"sklearn {name}",
+        extra={"class_values": classes},
+    )
 
 
 def pca(X, dim):
-    """Coordinates of the centred rows of ``X`` on the leading ``dim`` principal axes."""
+    """Coordinates of the centred rows of ``X`` on ``dim`` leading principal axes."""
     if not 1 <= dim <= min(X.shape):
-        raise DataError(f"PCA dimension must be between 1 and {min(X.shape)}, got {dim}")
+        raise DataError(
+            f"PCA dimension must be between 1 and {min(X.shape)}, got {dim}"
+        )
     Xc = X - X.mean(axis=0)
     _, _, Vt = np.linalg.svd(Xc, full_matrices=False)
     return Xc @ Vt[:dim].T

@@ -188,8 +188,9 @@ def _frame(U, Y, beta, R):
     """Activation pattern and truncated fractions for ``beta`` at fixed ``U``."""
     W = (beta + Y) @ R.T
     active = [Uc + wc > 0.0 for Uc, wc in zip(U, W)]
-    q = np.array([(a.shape[0] - np.count_nonzero(a, axis=0)) / a.shape[0]
-                  for a in active])
+    q = np.array([
+        (a.shape[0] - np.count_nonzero(a, axis=0)) / a.shape[0] for a in active
+    ])
     return _Frame(U, W, active, q)
 
 
@@ -338,8 +339,10 @@ def contraction_bound(points, y_tilde, beta, R):
     clusters, Y = _as_clusters(points, y_tilde)
     beta, R = _check_beta_R(beta, R, Y.shape[1])
     if len(clusters) != 1:
-        return None, (f"{len(clusters)} clusters share beta and R; the bound "
-                      "is established for one cluster only")
+        return None, (
+            f"{len(clusters)} clusters share beta and R; the bound "
+            "is established for one cluster only"
+        )
     F = _frame(_rotate(clusters, Y, R), Y, beta, R)
     return _bound_from_frame(F)
 
@@ -350,19 +353,24 @@ def _bound_from_frame(F):
     w, q = F.W[0], F.q[0]
     if np.any(m <= 0.0):
         i = int(np.argmin(m))
-        return None, (f"margin m_{i} = {m[i]:.3g} <= 0: the cluster is not "
-                      "strictly inside the negative orthant with apex y_tilde "
-                      "in the rotated frame")
+        return None, (
+            f"margin m_{i} = {m[i]:.3g} <= 0: the cluster is not "
+            "strictly inside the negative orthant with apex y_tilde "
+            "in the rotated frame"
+        )
     slow = (w > m) & (q == 0.0)
     if np.any(slow):
         i = int(np.flatnonzero(slow)[0])
-        return None, (f"q_{i}(0) = 0 while w_{i}(0) > m_{i}: coordinate {i} "
-                      "never truncates (a trapped state)")
+        return None, (
+            f"q_{i}(0) = 0 while w_{i}(0) > m_{i}: coordinate {i} "
+            "never truncates (a trapped state)"
+        )
     moving = w > m
     s = np.zeros_like(w)
     s[moving] = np.log(w[moving] / m[moving]) / q[moving]
-    return float(np.max(s)), ("one cluster, Omega = 0, margins > 0 and "
-                              "q_i(0) > 0 where w_i(0) > m_i")
+    return float(np.max(s)), (
+        "one cluster, Omega = 0, margins > 0 and q_i(0) > 0 where w_i(0) > m_i"
+    )
 
 
 # --------------------------------------------------------------------------
@@ -473,9 +481,20 @@ class _Recorder:
     def __init__(self, clusters, Y):
         self.clusters, self.Y = clusters, Y
         self.sizes = np.array([X.shape[0] for X in clusters], dtype=float)
-        self.rows = {k: [] for k in ("s", "beta", "R", "q", "q_clusters",
-                                     "cost", "distance", "omega_norm",
-                                     "orthogonality")}
+        self.rows = {
+            k: []
+            for k in (
+                "s",
+                "beta",
+                "R",
+                "q",
+                "q_clusters",
+                "cost",
+                "distance",
+                "omega_norm",
+                "orthogonality",
+            )
+        }
         self.first_all = None
         self.first = [None] * len(clusters)
 
@@ -580,8 +599,7 @@ def _run_fixed(clusters, Y, beta, R, opts, rec, progress):
     for target in opts.targets:
         while s < target - snap:
             h = min(opts.step, target - s)
-            beta, R, here = _fixed_step(fld, beta, R, h, opts.stepper, rotate,
-                                        here)
+            beta, R, here = _fixed_step(fld, beta, R, h, opts.stepper, rotate, here)
             s = target if target - (s + h) <= snap else s + h
             steps += 1
             rec.collapsed(s, here[2])
@@ -611,8 +629,7 @@ class _Events:
 
     def __init__(self, clusters, Y, beta, R):
         P = np.vstack(clusters) @ R.T
-        labels = np.repeat(np.arange(len(clusters)),
-                           [X.shape[0] for X in clusters])
+        labels = np.repeat(np.arange(len(clusters)), [X.shape[0] for X in clusters])
         order = np.argsort(-P, axis=0, kind="stable")
         self.theta = np.take_along_axis(-P, order, axis=0)
         self.label = labels[order]
@@ -621,12 +638,14 @@ class _Events:
         self.beta0, self.b0 = beta, R @ beta
         self.b = self.b0.copy()
         Q = P.shape[1]
-        self.ptr = np.array([np.searchsorted(self.theta[:, i], self.b[i])
-                             for i in range(Q)])
+        self.ptr = np.array([
+            np.searchsorted(self.theta[:, i], self.b[i]) for i in range(Q)
+        ])
         self.count = np.zeros((len(clusters), Q))
         for i in range(Q):
-            self.count[:, i] = np.bincount(self.label[self.ptr[i]:, i],
-                                           minlength=len(clusters))
+            self.count[:, i] = np.bincount(
+                self.label[self.ptr[i] :, i], minlength=len(clusters)
+            )
         self.frozen = np.zeros(Q, dtype=bool)
         self.last = [None] * Q
         self.rate, self.target = np.zeros(Q), np.zeros(Q)
@@ -757,8 +776,9 @@ def _record_targets(record, time):
     """Record times, sorted, ending at ``time``; and whether every step records."""
     if isinstance(record, str):
         if record != "steps":
-            raise ValueError(f"record={record!r}; expected an int >= 2, an "
-                             "array of times or 'steps'")
+            raise ValueError(
+                f"record={record!r}; expected an int >= 2, an array of times or 'steps'"
+            )
         return (float(time),), True
     if isinstance(record, numbers.Integral):
         if record < 2:
@@ -766,9 +786,11 @@ def _record_targets(record, time):
         return tuple(np.linspace(0.0, time, int(record))[1:]), False
     times = np.unique(np.asarray(record, dtype=float).ravel())
     if times.size == 0 or times[0] < 0 or times[-1] > time:
-        raise ValueError(f"record times must lie in [0, time={time}]; got "
-                         f"{times.min() if times.size else 'none'} .. "
-                         f"{times.max() if times.size else ''}")
+        raise ValueError(
+            f"record times must lie in [0, time={time}]; got "
+            f"{times.min() if times.size else 'none'} .. "
+            f"{times.max() if times.size else ''}"
+        )
     times = times[times > 0]
     if times.size == 0 or times[-1] < time:
         times = np.append(times, time)
@@ -787,17 +809,28 @@ def _check_options(method, stepper, time, step):
         raise ValueError(f"method={method!r}; expected one of {METHODS}")
     if stepper not in STEPPERS:
         raise ValueError(f"stepper={stepper!r}; expected one of {STEPPERS}")
-    if not (isinstance(time, numbers.Real) and math.isfinite(time)
-            and time > 0):
+    if not (isinstance(time, numbers.Real) and math.isfinite(time) and time > 0):
         raise ValueError(f"time={time!r}; expected a finite number > 0")
-    if step is not None and not (isinstance(step, numbers.Real)
-                                 and math.isfinite(step) and step > 0):
+    if step is not None and not (
+        isinstance(step, numbers.Real) and math.isfinite(step) and step > 0
+    ):
         raise ValueError(f"step={step!r}; expected a finite number > 0 or None")
 
 
-def integrate_effective(clusters, y_tilde, beta0, R0, *, time, step=None,
-                        method="cayley", stepper="heun", freeze_R=None,
-                        record=101, progress=None):
+def integrate_effective(
+    clusters,
+    y_tilde,
+    beta0,
+    R0,
+    *,
+    time,
+    step=None,
+    method="cayley",
+    stepper="heun",
+    freeze_R=None,
+    record=101,
+    progress=None,
+):
     """Integrate the effective flow ``beta' = -dC/dbeta``, ``R' = -Omega R``.
 
     Parameters
@@ -840,9 +873,15 @@ def integrate_effective(clusters, y_tilde, beta0, R0, *, time, step=None,
     if method != "events" and step is None:
         step = _default_step(clusters, Y, beta, R)
     targets, every = _record_targets(record, float(time))
-    opts = _Options(method, None if method == "events" else stepper,
-                    None if method == "events" else float(step), float(time),
-                    freeze, targets, every)
+    opts = _Options(
+        method,
+        None if method == "events" else stepper,
+        None if method == "events" else float(step),
+        float(time),
+        freeze,
+        targets,
+        every,
+    )
     return _integrate(clusters, Y, beta.copy(), R.copy(), opts, progress)
 
 
@@ -852,44 +891,59 @@ def _integrate(clusters, Y, beta, R, opts, progress):
     bound, reason = _bound_for_run(clusters, Y, beta, R, opts.freeze_R)
     rec = _Recorder(clusters, Y)
     run = _run_events if opts.method == "events" else _run_fixed
-    beta1, R1, steps, flips, stuck = run(clusters, Y, beta, R, opts, rec,
-                                         progress)
+    beta1, R1, steps, flips, stuck = run(clusters, Y, beta, R, opts, rec, progress)
     records = rec.arrays()
     message = _message(rec, stuck)
     return EffectiveResult(
-        method=opts.method, stepper=opts.stepper, step=opts.step,
-        time=opts.time, freeze_R=opts.freeze_R, steps=steps, flips=flips,
-        n_clusters=len(clusters), Q=Y.shape[1], beta=beta1, R=R1,
-        contraction_time=rec.first_all, contraction_times=list(rec.first),
-        contraction_bound=bound, contraction_bound_reason=reason,
+        method=opts.method,
+        stepper=opts.stepper,
+        step=opts.step,
+        time=opts.time,
+        freeze_R=opts.freeze_R,
+        steps=steps,
+        flips=flips,
+        n_clusters=len(clusters),
+        Q=Y.shape[1],
+        beta=beta1,
+        R=R1,
+        contraction_time=rec.first_all,
+        contraction_times=list(rec.first),
+        contraction_bound=bound,
+        contraction_bound_reason=reason,
         initial_cost=float(records["cost"][0]),
         final_cost=float(records["cost"][-1]),
         orthogonality_error=float(records["orthogonality"].max()),
-        stuck_coordinates=stuck, message=message, records=records,
+        stuck_coordinates=stuck,
+        message=message,
+        records=records,
         wall_time=_time.perf_counter() - start,
     )
 
 
 def _bound_for_run(clusters, Y, beta, R, freeze_R):
     if not (freeze_R or Y.shape[1] == 1):
-        return None, ("R moves (Omega != 0): finite-time contraction is not "
-                      "established, no a-priori bound")
+        return None, (
+            "R moves (Omega != 0): finite-time contraction is not "
+            "established, no a-priori bound"
+        )
     if len(clusters) != 1:
-        return None, (f"{len(clusters)} clusters share beta and R; the bound "
-                      "is established for one cluster only")
+        return None, (
+            f"{len(clusters)} clusters share beta and R; the bound "
+            "is established for one cluster only"
+        )
     return _bound_from_frame(_frame(_rotate(clusters, Y, R), Y, beta, R))
 
 
 def _message(rec, stuck):
     parts = []
     if rec.first_all is not None:
-        parts.append(f"every cluster a single point from s = "
-                     f"{rec.first_all:.6g}")
+        parts.append(f"every cluster a single point from s = {rec.first_all:.6g}")
     else:
         parts.append("contraction not reached")
     if stuck:
-        parts.append(f"coordinates {stuck} held at a kink the flow points "
-                     "into from both sides")
+        parts.append(
+            f"coordinates {stuck} held at a kink the flow points into from both sides"
+        )
     return "; ".join(parts)
 
 
@@ -932,9 +986,19 @@ def _split_threshold(values, fraction):
     return 0.5 * (s[k - 1] + s[k])
 
 
-def effective_scenario(Q, n, radius, rng, *, distance=None, rotation=0.0,
-                       truncated=0.3, n_clusters=1, spread=1.0,
-                       trapped=False):
+def effective_scenario(
+    Q,
+    n,
+    radius,
+    rng,
+    *,
+    distance=None,
+    rotation=0.0,
+    truncated=0.3,
+    n_clusters=1,
+    spread=1.0,
+    trapped=False,
+):
     """Build clusters and a start ``(beta0, R0)`` for the effective flow.
 
     Contracting case (``trapped=False``): cluster ``c`` is a uniform ball of
@@ -981,8 +1045,14 @@ def effective_scenario(Q, n, radius, rng, *, distance=None, rotation=0.0,
     EffectiveScenario
     """
     distance = 2.0 * radius if distance is None else float(distance)
-    if not (radius > 0 and distance > radius and n >= 2 and Q >= 1
-            and 0.0 < truncated < 1.0 and n_clusters >= 1):
+    if not (
+        radius > 0
+        and distance > radius
+        and n >= 2
+        and Q >= 1
+        and 0.0 < truncated < 1.0
+        and n_clusters >= 1
+    ):
         raise ValueError(
             f"effective_scenario needs Q >= 1, n >= 2, radius > 0, distance > "
             f"radius, 0 < truncated < 1, n_clusters >= 1; got Q={Q}, n={n}, "
@@ -991,8 +1061,8 @@ def effective_scenario(Q, n, radius, rng, *, distance=None, rotation=0.0,
         )
     R0 = _near_identity(Q, float(rotation), rng)
     Y = rng.standard_normal(Q) + np.vstack(
-        [np.zeros(Q)] + [spread * rng.standard_normal(Q)
-                         for _ in range(n_clusters - 1)])
+        [np.zeros(Q)] + [spread * rng.standard_normal(Q) for _ in range(n_clusters - 1)]
+    )
     if trapped:
         return _trapped(Q, n, radius, distance, spread, R0, Y, rng)
     corner = -distance * np.ones(Q) @ R0

@@ -25,12 +25,15 @@ START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
 
 # ------------------------------------------------------------------ shards
 
+
 def parse_shard(text):
     """Read ``I/N`` (0 <= I < N) into ``(I, N)``; raise ValueError otherwise."""
     try:
         index, count = (int(part) for part in str(text).split("/"))
     except ValueError:
-        raise ValueError(f"--shard must look like I/N with integers, got {text!r}") from None
+        raise ValueError(
+            f"--shard must look like I/N with integers, got {text!r}"
+        ) from None
     if count < 1 or not 0 <= index < count:
         raise ValueError(f"--shard I/N needs N >= 1 and 0 <= I < N, got {text!r}")
     return index, count
@@ -85,6 +88,7 @@ def split_done(runs, force=False):
 
 
 # --------------------------------------------------------------- executors
+
 
 def run_serial(runs, force=False, progress=None, on_start=None):
     """Run one after another in this process; yields summaries."""
@@ -145,8 +149,9 @@ def _start_pool(ctx, workers, runs, force):
 
     initializer = None if ctx.get_start_method() == "fork" else _limit_threads
     with threadpool_limits(BLAS_THREADS):
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
-                                   initializer=initializer)
+        pool = ProcessPoolExecutor(
+            max_workers=workers, mp_context=ctx, initializer=initializer
+        )
         futures = {pool.submit(_execute_in_worker, run, force): run for run in runs}
     return pool, futures
 
@@ -166,8 +171,10 @@ def _drain(futures):
 def _worker_died(run):
     clean_partials([run])
     summary = base_summary(run, "failed")
-    summary["message"] = (f"the worker process died {MAX_ATTEMPTS} times while running "
-                          "this run (killed or out of memory?); run it alone to see why")
+    summary["message"] = (
+        f"the worker process died {MAX_ATTEMPTS} times while running "
+        "this run (killed or out of memory?); run it alone to see why"
+    )
     summary["wall_time"] = None
     return summary
 
@@ -193,17 +200,28 @@ def run_dask(runs, address=None, scheduler_file=None, workers=None, force=False)
 
     cluster = None
     if address is None and scheduler_file is None:
-        cluster = LocalCluster(n_workers=workers or os.cpu_count(), threads_per_worker=1,
-                               processes=True, dashboard_address=None)
+        cluster = LocalCluster(
+            n_workers=workers or os.cpu_count(),
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+        )
         client = Client(cluster)
     else:
         client = Client(address, scheduler_file=scheduler_file, timeout="30s")
     try:
         client.run(_limit_threads)
-        futures = {client.submit(_execute_in_worker, run, force, pure=False,
-                                 retries=MAX_ATTEMPTS - 1,
-                                 key=f"dlmin-{i}-{run.experiment}-{run.run_id}"): run
-                   for i, run in enumerate(runs)}
+        futures = {
+            client.submit(
+                _execute_in_worker,
+                run,
+                force,
+                pure=False,
+                retries=MAX_ATTEMPTS - 1,
+                key=f"dlmin-{i}-{run.experiment}-{run.run_id}",
+            ): run
+            for i, run in enumerate(runs)
+        }
         for future in as_completed(futures):
             try:
                 yield future.result()
@@ -211,7 +229,9 @@ def run_dask(runs, address=None, scheduler_file=None, workers=None, force=False)
                 run = futures[future]
                 clean_partials([run])
                 summary = base_summary(run, "failed")
-                summary["message"] = f"dask could not run it: {type(exc).__name__}: {exc}"
+                summary["message"] = (
+                    f"dask could not run it: {type(exc).__name__}: {exc}"
+                )
                 summary["wall_time"] = None
                 yield summary
     finally:

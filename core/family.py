@@ -89,17 +89,31 @@ class PatternResult:
         """The pattern as one row of a results table."""
         return {
             "pattern": "".join(str(int(v)) for v in self.s),
-            "collapsed": self.collapsed, "certified": self.certified,
+            "collapsed": self.collapsed,
+            "certified": self.certified,
             "cost_no_intercept": self.cost_no_intercept,
             "cost_intercept": self.cost_intercept,
-            "trace_own": self.trace_own, "trace_raw": self.trace_raw,
+            "trace_own": self.trace_own,
+            "trace_raw": self.trace_raw,
             "status": self.status,
         }
 
 
-def build_collapse_keep(X, labels, Y, s, *, mu_factor=cs.MU_FACTOR, nu_factor=NU_FACTOR,
-                        nu_rule="sin", mu=None, nu=None, theta0=cs.THETA0, radius=None,
-                        order=None):
+def build_collapse_keep(
+    X,
+    labels,
+    Y,
+    s,
+    *,
+    mu_factor=cs.MU_FACTOR,
+    nu_factor=NU_FACTOR,
+    nu_rule="sin",
+    mu=None,
+    nu=None,
+    theta0=cs.THETA0,
+    radius=None,
+    order=None,
+):
     """Build the network that collapses the classes with ``s_j = 0`` and keeps the rest.
 
     Parameters
@@ -125,8 +139,9 @@ def build_collapse_keep(X, labels, Y, s, *, mu_factor=cs.MU_FACTOR, nu_factor=NU
     -------
     PatternResult
     """
-    X, labels, Y, s, order = _check_args(X, labels, Y, s, order, nu_rule,
-                                         mu_factor, nu_factor)
+    X, labels, Y, s, order = _check_args(
+        X, labels, Y, s, order, nu_rule, mu_factor, nu_factor
+    )
     Q = Y.shape[0]
     cond = cs.clustered_conditions(X, labels, radius, theta0, Q)
     if _hard_failure(cond, Q):
@@ -136,10 +151,20 @@ def build_collapse_keep(X, labels, Y, s, *, mu_factor=cs.MU_FACTOR, nu_factor=NU
     sign = np.where(s == 0, 1.0, -1.0)
     apexes = stats.means + (sign * shifts)[:, None] * cond.f
 
-    X_cur, cumulative, margins, failures = _hidden_layers(X, labels, s, order,
-                                                          apexes, cond)
-    result = PatternResult(s, "ok", "", apexes, shifts, cumulative, truncated=X_cur,
-                           margins=np.array(margins), certified=not failures)
+    X_cur, cumulative, margins, failures = _hidden_layers(
+        X, labels, s, order, apexes, cond
+    )
+    result = PatternResult(
+        s,
+        "ok",
+        "",
+        apexes,
+        shifts,
+        cumulative,
+        truncated=X_cur,
+        margins=np.array(margins),
+        certified=not failures,
+    )
     try:
         result.layers = _with_output(cumulative, X_cur, labels, Y, False)
         result.layers_intercept = _with_output(cumulative, X_cur, labels, Y, True)
@@ -158,8 +183,9 @@ def build_collapse_keep(X, labels, Y, s, *, mu_factor=cs.MU_FACTOR, nu_factor=NU
 
 def _hard_failure(cond, Q):
     """Assumptions whose failure leaves no cone layer to build."""
-    return (cond.rank < Q or not np.isfinite(cond.theta_j).all()
-            or cond.theta_star >= np.pi)
+    return (
+        cond.rank < Q or not np.isfinite(cond.theta_j).all() or cond.theta_star >= np.pi
+    )
 
 
 def _cost(layers, X, labels, Y):
@@ -174,8 +200,11 @@ def _shifts(s, cond, width, mu_factor, nu_factor, nu_rule, mu, nu):
     else:
         nu_min = r * np.sqrt(width)
     mus = np.full(s.size, mu_factor * r) if mu is None else np.asarray(mu, dtype=float)
-    nus = (np.full(s.size, nu_factor * nu_min) if nu is None
-           else np.asarray(nu, dtype=float))
+    nus = (
+        np.full(s.size, nu_factor * nu_min)
+        if nu is None
+        else np.asarray(nu, dtype=float)
+    )
     return np.where(s == 0, mus, nus)
 
 
@@ -197,7 +226,8 @@ def _hidden_layers(X, labels, s, order, apexes, cond):
             failures.append(
                 f"layer {step + 1} ({mode} class {j}) breaks the pattern: "
                 f"collapse margin {m_col:.3g}, keep margin {m_keep:.3g}, both "
-                f"must be >= {margin:.3g}")
+                f"must be >= {margin:.3g}"
+            )
         margins.append((m_col, m_keep))
         X_cur = tr.truncate_z(W, b, Z)
         cumulative.append((W, b))
@@ -219,19 +249,22 @@ def _check_args(X, labels, Y, s, order, nu_rule, mu_factor, nu_factor):
     Y = np.asarray(Y, dtype=float)
     Q = Y.shape[0]
     if X.ndim != 2 or labels.shape != (X.shape[0],):
-        raise ValueError(f"expected X (N, M) and labels (N,), got {X.shape} "
-                         f"and {labels.shape}")
+        raise ValueError(
+            f"expected X (N, M) and labels (N,), got {X.shape} and {labels.shape}"
+        )
     s = np.asarray(s).astype(int)
     if s.shape != (Q,) or not np.isin(s, (0, 1)).all():
-        raise ValueError(f"pattern s must be Q = {Q} entries in {{0, 1}}, "
-                         f"got {s.tolist()}")
+        raise ValueError(
+            f"pattern s must be Q = {Q} entries in {{0, 1}}, got {s.tolist()}"
+        )
     if nu_rule not in NU_RULES:
         raise ValueError(f"nu_rule must be one of {NU_RULES}, got {nu_rule!r}")
     if not 2.0 < mu_factor < 3.0:
         raise ValueError(f"mu_factor must lie in (2, 3), got {mu_factor}")
     if not nu_factor > 1.0:
-        raise ValueError("nu_factor must exceed 1 (the sufficient keep "
-                         f"distance), got {nu_factor}")
+        raise ValueError(
+            f"nu_factor must exceed 1 (the sufficient keep distance), got {nu_factor}"
+        )
     order = list(range(Q)) if order is None else [int(j) for j in order]
     if sorted(order) != list(range(Q)):
         raise ValueError(f"order must be a permutation of 0..{Q - 1}, got {order}")
@@ -239,6 +272,7 @@ def _check_args(X, labels, Y, s, order, nu_rule, mu_factor, nu_factor):
 
 
 # ------------------------------------------------------------ local minimum
+
 
 @dataclass
 class PerturbationCheck:
@@ -271,8 +305,17 @@ class PerturbationCheck:
         return self.min_change >= -LOCAL_MIN_TOL
 
 
-def perturbation_check(hidden, X, labels, Y, rng=None, *, n_trials=PERTURB_TRIALS,
-                       size=PERTURB_SIZE, intercept=True):
+def perturbation_check(
+    hidden,
+    X,
+    labels,
+    Y,
+    rng=None,
+    *,
+    n_trials=PERTURB_TRIALS,
+    size=PERTURB_SIZE,
+    intercept=True,
+):
     """Test whether a network's hidden layers are a local minimum of the refitted cost.
 
     Each trial adds a random direction of Euclidean norm ``size`` to all
@@ -297,11 +340,15 @@ def perturbation_check(hidden, X, labels, Y, rng=None, *, n_trials=PERTURB_TRIAL
     base = _refit_cost(hidden, X, labels, Y, intercept)
     changes = np.empty(n_trials)
     for k in range(n_trials):
-        G = [(rng.standard_normal(W.shape), rng.standard_normal(b.shape))
-             for W, b in hidden]
-        norm = np.sqrt(sum((gW ** 2).sum() + (gb ** 2).sum() for gW, gb in G))
-        moved = [(W + size / norm * gW, b + size / norm * gb)
-                 for (W, b), (gW, gb) in zip(hidden, G)]
+        G = [
+            (rng.standard_normal(W.shape), rng.standard_normal(b.shape))
+            for W, b in hidden
+        ]
+        norm = np.sqrt(sum((gW**2).sum() + (gb**2).sum() for gW, gb in G))
+        moved = [
+            (W + size / norm * gW, b + size / norm * gb)
+            for (W, b), (gW, gb) in zip(hidden, G)
+        ]
         changes[k] = _refit_cost(moved, X, labels, Y, intercept) - base
     return PerturbationCheck(base, changes, size, intercept)
 
@@ -315,6 +362,7 @@ def _refit_cost(hidden, X, labels, Y, intercept):
 
 
 # -------------------------------------------------------------- the family
+
 
 @dataclass
 class Family:
@@ -341,8 +389,16 @@ class Family:
         return [p.row() for p in self.patterns]
 
 
-def all_patterns(X, labels, Y, *, max_classes=MAX_PATTERN_CLASSES, rng=None,
-                 n_trials=PERTURB_TRIALS, **kwargs):
+def all_patterns(
+    X,
+    labels,
+    Y,
+    *,
+    max_classes=MAX_PATTERN_CLASSES,
+    rng=None,
+    n_trials=PERTURB_TRIALS,
+    **kwargs,
+):
     """Build every collapse/keep pattern; check the all-keep one for local minimality.
 
     Parameters
@@ -363,16 +419,23 @@ def all_patterns(X, labels, Y, *, max_classes=MAX_PATTERN_CLASSES, rng=None,
     Q = np.asarray(Y).shape[0]
     if Q > max_classes:
         raise ValueError(
-            f"all_patterns: Q = {Q} classes give 2^{Q} = {2 ** Q} patterns, above the "
+            f"all_patterns: Q = {Q} classes give 2^{Q} = {2**Q} patterns, above the "
             f"limit max_classes = {max_classes} (MAX_PATTERN_CLASSES); raise "
-            "max_classes or build single patterns with build_collapse_keep")
-    patterns = [build_collapse_keep(X, labels, Y, s, **kwargs)
-                for s in itertools.product((0, 1), repeat=Q)]
+            "max_classes or build single patterns with build_collapse_keep"
+        )
+    patterns = [
+        build_collapse_keep(X, labels, Y, s, **kwargs)
+        for s in itertools.product((0, 1), repeat=Q)
+    ]
     keep_all = patterns[-1]
     local_min = None
     if keep_all.status == "ok":
         local_min = perturbation_check(
-            keep_all.layers_intercept[:-1], np.asarray(X, float),
-            np.asarray(labels).astype(int), np.asarray(Y, float), rng,
-            n_trials=n_trials)
+            keep_all.layers_intercept[:-1],
+            np.asarray(X, float),
+            np.asarray(labels).astype(int),
+            np.asarray(Y, float),
+            rng,
+            n_trials=n_trials,
+        )
     return Family(patterns, local_min)

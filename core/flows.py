@@ -101,8 +101,7 @@ STEP_COUNT_SLACK = 1e-9
 RTOL_MIN = 100 * np.finfo(float).eps
 
 # Floating-point trouble inside an evaluation is a blow-up, not a warning.
-_STRICT_FP = {"over": "raise", "divide": "raise", "invalid": "raise",
-              "under": "ignore"}
+_STRICT_FP = {"over": "raise", "divide": "raise", "invalid": "raise", "under": "ignore"}
 _DAMPING_HINT = "add damping, e.g. 'flow.damping: 1e-6'"
 
 
@@ -428,19 +427,23 @@ def _resolve_options(options, problem):
     store = options.store_theta
     if store is None:
         store = problem.K <= STORE_THETA_MAX_PARAMS
-    return replace(options, solver=solver, store_theta=bool(store),
-                   time=_s_max(options, problem.N))
+    return replace(
+        options, solver=solver, store_theta=bool(store), time=_s_max(options, problem.N)
+    )
 
 
 def _check_choices(options):
-    choices = {"kind": KINDS, "loss": LOSSES, "solver": SOLVERS + ("auto",),
-               "grid": GRIDS, "route": ROUTES}
+    choices = {
+        "kind": KINDS,
+        "loss": LOSSES,
+        "solver": SOLVERS + ("auto",),
+        "grid": GRIDS,
+        "route": ROUTES,
+    }
     for name, allowed in choices.items():
         value = getattr(options, name)
         if value not in allowed:
-            raise ValueError(
-                f"flow.{name}: expected one of {allowed}, got {value!r}"
-            )
+            raise ValueError(f"flow.{name}: expected one of {allowed}, got {value!r}")
     if options.store_theta not in (None, True, False):
         raise ValueError(
             "flow.store_theta: expected true, false or null (auto), got "
@@ -450,25 +453,32 @@ def _check_choices(options):
 
 def _check_numbers(options):
     """Numeric options: finite, in range, with the fix in the message."""
-    _require(options.alpha, "alpha", 0.0 <= options.alpha <= 1.0,
-             "a number in [0, 1]")
+    _require(options.alpha, "alpha", 0.0 <= options.alpha <= 1.0, "a number in [0, 1]")
     if options.time is not None:
         _require(options.time, "time", options.time > 0, "a number > 0 (s_max)")
-    _require(options.rtol, "rtol", RTOL_MIN <= options.rtol < 1,
-             f"a number in [{RTOL_MIN:.1e}, 1)")
+    _require(
+        options.rtol,
+        "rtol",
+        RTOL_MIN <= options.rtol < 1,
+        f"a number in [{RTOL_MIN:.1e}, 1)",
+    )
     _require(options.atol, "atol", options.atol > 0, "a number > 0")
     if not (options.max_step > 0):
         raise ValueError(f"flow.max_step: expected > 0, got {options.max_step!r}")
     _require(options.damping, "damping", options.damping >= 0, "a number >= 0")
-    _require(options.rank_cutoff, "rank_cutoff",
-             0 < options.rank_cutoff < 1 / READMIT_FACTOR,
-             f"a number in (0, {1 / READMIT_FACTOR:g}), e.g. {RANK_CUTOFF:g}")
+    _require(
+        options.rank_cutoff,
+        "rank_cutoff",
+        0 < options.rank_cutoff < 1 / READMIT_FACTOR,
+        f"a number in (0, {1 / READMIT_FACTOR:g}), e.g. {RANK_CUTOFF:g}",
+    )
     record = options.record
-    if isinstance(record, bool) or not isinstance(record, numbers.Integral) \
-            or record < 2:
-        raise ValueError(
-            f"flow.record: expected an int >= 2, got {options.record!r}"
-        )
+    if (
+        isinstance(record, bool)
+        or not isinstance(record, numbers.Integral)
+        or record < 2
+    ):
+        raise ValueError(f"flow.record: expected an int >= 2, got {options.record!r}")
     _check_stops(options)
 
 
@@ -481,11 +491,19 @@ def _check_stops(options):
     if options.step is not None:
         _require(options.step, "step", options.step > 0, "a number > 0")
     if options.stop_cost is not None:
-        _require(options.stop_cost, "stop_cost", options.stop_cost >= 0,
-                 "a number >= 0 or null")
+        _require(
+            options.stop_cost,
+            "stop_cost",
+            options.stop_cost >= 0,
+            "a number >= 0 or null",
+        )
     if options.wall_limit is not None:
-        _require(options.wall_limit, "wall_limit", options.wall_limit > 0,
-                 "seconds > 0 or null")
+        _require(
+            options.wall_limit,
+            "wall_limit",
+            options.wall_limit > 0,
+            "seconds > 0 or null",
+        )
 
 
 def _require(value, name, ok, expected):
@@ -569,8 +587,7 @@ class _State:
     def __init__(self, problem, theta):
         self.theta = theta.copy()
         self.params = nw.unflatten(theta, problem.widths)
-        self.cache = nw.forward_cache(self.params, problem.X,
-                                      problem.activation)
+        self.cache = nw.forward_cache(self.params, problem.X, problem.activation)
         self.cost, g = _loss(self.cache.output, problem.Y, problem.loss)
         self.x = self.cache.output.ravel()
         self.g = g.ravel()
@@ -600,8 +617,9 @@ class _Field:
         self.decides_rank = self.projects and options.damping == 0
         self.lo = options.rank_cutoff
         self.hi = READMIT_FACTOR * options.rank_cutoff
-        self.rank = problem.QN if options.route == "kernel" else \
-            min(problem.QN, problem.K)
+        self.rank = (
+            problem.QN if options.route == "kernel" else min(problem.QN, problem.K)
+        )
         self.calls = 0
         self.rank_changes = 0
         self._memo = None
@@ -661,8 +679,7 @@ class _Field:
         if self.options.damping > 0 or self.rank == self.problem.QN:
             self._factor(st)
             if st.chol is not None:
-                return scipy.linalg.cho_solve(st.chol, st.g,
-                                              check_finite=False)
+                return scipy.linalg.cho_solve(st.chol, st.g, check_finite=False)
         w, V = self._top_eigen(st, self.rank)
         w = w + self.options.damping
         floor = self.lo * (float(w[-1]) if w.size else 0.0)
@@ -683,7 +700,8 @@ class _Field:
         st.G = None
         try:
             c, lower = scipy.linalg.cho_factor(
-                G.T, lower=True, overwrite_a=True, check_finite=False)
+                G.T, lower=True, overwrite_a=True, check_finite=False
+            )
         except np.linalg.LinAlgError:
             st.chol_failed = True
             return
@@ -704,8 +722,7 @@ class _Field:
         if not st.eig_full:
             G = self.kernel(st)
             st.G = None
-            st.eig = scipy.linalg.eigh(G, overwrite_a=True,
-                                       check_finite=False)
+            st.eig = scipy.linalg.eigh(G, overwrite_a=True, check_finite=False)
             st.eig_full = True
         return st.eig
 
@@ -720,8 +737,11 @@ class _Field:
     def _svd(self, st):
         if st.svd is None:
             st.svd = scipy.linalg.svd(
-                self._jacobian(st), full_matrices=False, check_finite=False,
-                lapack_driver="gesvd")
+                self._jacobian(st),
+                full_matrices=False,
+                check_finite=False,
+                lapack_driver="gesvd",
+            )
         return st.svd
 
     def _velocity_d(self, st):
@@ -748,12 +768,16 @@ class _Field:
         if self.options.route == "jacobian":
             sigma = self._svd(st)[1]
             w = np.zeros(self.problem.QN)
-            w[self.problem.QN - sigma.size:] = np.sort(sigma**2)
+            w[self.problem.QN - sigma.size :] = np.sort(sigma**2)
             return w
         if st.eig_full:
             return st.eig[0]
-        return scipy.linalg.eigh(self.kernel(st).copy(), eigvals_only=True,
-                                 overwrite_a=True, check_finite=False)
+        return scipy.linalg.eigh(
+            self.kernel(st).copy(),
+            eigvals_only=True,
+            overwrite_a=True,
+            check_finite=False,
+        )
 
     def accept(self, theta):
         """Rank decision at an accepted state; True when the rank changed.
@@ -771,8 +795,7 @@ class _Field:
             return self._set_rank(self.problem.QN)
         else:
             mu = _relative(self._full_eigen(st)[0])
-        return self._set_rank(_hysteresis_rank(mu, self.rank, self.lo,
-                                               self.hi))
+        return self._set_rank(_hysteresis_rank(mu, self.rank, self.lo, self.hi))
 
     def _screen_full(self, st):
         if self.rank != self.problem.QN:
@@ -817,8 +840,7 @@ def _baseline(problem, st):
         x0 = st.cache.output
         x_star = _ce_minimizer(x0, problem.Y).ravel()
         row_sums0 = x0.sum(axis=1)
-    return _Baseline(st.x.copy(), problem.Y.ravel(), st.cost, x_star,
-                     row_sums0)
+    return _Baseline(st.x.copy(), problem.Y.ravel(), st.cost, x_star, row_sums0)
 
 
 def _measure(fld, s, theta, base):
@@ -849,12 +871,18 @@ def _measure(fld, s, theta, base):
 
 def _spectrum_record(fld, st):
     if not fld.options.spectrum:
-        return {"ntk_min": np.float64(math.nan),
-                "ntk_max": np.float64(math.nan), "ntk_rank": np.int64(-1)}
+        return {
+            "ntk_min": np.float64(math.nan),
+            "ntk_max": np.float64(math.nan),
+            "ntk_rank": np.int64(-1),
+        }
     w = fld.spectrum(st)
     rank = np.count_nonzero(_relative(w) > fld.options.rank_cutoff)
-    return {"ntk_min": np.float64(w[0]), "ntk_max": np.float64(w[-1]),
-            "ntk_rank": np.int64(rank)}
+    return {
+        "ntk_min": np.float64(w[0]),
+        "ntk_max": np.float64(w[-1]),
+        "ntk_rank": np.int64(rank),
+    }
 
 
 def _line_record(s, st, base, n_samples):
@@ -870,17 +898,20 @@ def _line_record(s, st, base, n_samples):
     line = base.x0 + t * (base.y - base.x0)
     dist = float(np.linalg.norm(st.x - line))
     line_err = dist / span if span > 0 else math.nan
-    return {"exp_rel_error": np.float64(exp_err),
-            "line_rel_error": np.float64(line_err)}
+    return {
+        "exp_rel_error": np.float64(exp_err),
+        "line_rel_error": np.float64(line_err),
+    }
 
 
 def _ce_record(st, base, n_samples):
     """Drift of each sample's logit sum, and the distance to ``x*``."""
     sums = st.x.reshape(n_samples, -1).sum(axis=1)
     drift = float(np.max(np.abs(sums - base.row_sums0)))
-    return {"row_sum_drift": np.float64(drift),
-            "minimizer_distance": np.float64(
-                np.linalg.norm(st.x - base.x_star))}
+    return {
+        "row_sum_drift": np.float64(drift),
+        "minimizer_distance": np.float64(np.linalg.norm(st.x - base.x_star)),
+    }
 
 
 class _Recorder:
@@ -900,9 +931,8 @@ class _Recorder:
 
     def due(self, limit, inclusive=True):
         """Grid times up to ``limit`` not yet recorded; marks them taken."""
-        stop = np.searchsorted(self.grid, limit,
-                               side="right" if inclusive else "left")
-        times = self.grid[self.next:stop]
+        stop = np.searchsorted(self.grid, limit, side="right" if inclusive else "left")
+        times = self.grid[self.next : stop]
         self.next = max(self.next, int(stop))
         return times
 
@@ -916,8 +946,7 @@ class _Recorder:
     def arrays(self):
         if not self.rows:
             return {}
-        return {key: np.array([row[key] for row in self.rows])
-                for key in self.rows[0]}
+        return {key: np.array([row[key] for row in self.rows]) for key in self.rows[0]}
 
 
 # --------------------------------------------------------------------------
@@ -982,8 +1011,16 @@ class _Run:
             self.progress(float(s), self.s_max)
 
 
-def integrate(params, X, Y, options=None, activation="tanh", on_record=None,
-              progress=None, on_step=None):
+def integrate(
+    params,
+    X,
+    Y,
+    options=None,
+    activation="tanh",
+    on_record=None,
+    progress=None,
+    on_step=None,
+):
     """Integrate a gradient flow of the parameters and record its orbit.
 
     Solves ``theta'(s) = V(theta)`` (kinds in the module docstring) from
@@ -1166,8 +1203,16 @@ def _stop_now(run, st, s, theta):
 def _new_solver(run, s, theta, first_step):
     o = run.options
     cls = getattr(scipy.integrate, o.solver)
-    return cls(run.fld, s, theta, run.s_max, rtol=o.rtol, atol=o.atol,
-               max_step=o.max_step, first_step=first_step)
+    return cls(
+        run.fld,
+        s,
+        theta,
+        run.s_max,
+        rtol=o.rtol,
+        atol=o.atol,
+        max_step=o.max_step,
+        first_step=first_step,
+    )
 
 
 def _drive_scipy(run, theta):
@@ -1187,16 +1232,19 @@ def _drive_scipy(run, theta):
             return stop
         s, theta = solver.t, solver.y.copy()
         if run.stalled(solver.step_size):
-            return _Stop("stalled", s, theta,
-                         f"{STALL_WINDOW} steps in a row were shorter than "
-                         f"{STALL_STEP_REL * run.s_max:.1e}, the last "
-                         f"{solver.step_size:.1e}")
+            return _Stop(
+                "stalled",
+                s,
+                theta,
+                f"{STALL_WINDOW} steps in a row were shorter than "
+                f"{STALL_STEP_REL * run.s_max:.1e}, the last "
+                f"{solver.step_size:.1e}",
+            )
         changed, stop = _accept(run, s, theta)
         if stop:
             return stop
         if changed:
-            solver = _new_solver(run, s, theta,
-                                 min(solver.step_size, run.s_max - s))
+            solver = _new_solver(run, s, theta, min(solver.step_size, run.s_max - s))
 
 
 def _after_step(run, solver, s_old, theta_old):
@@ -1255,8 +1303,9 @@ def _cost_crossing(run, solver, s_old):
 
     if excess(s_old) <= 0:
         return s_old
-    return scipy.optimize.brentq(excess, s_old, solver.t,
-                                 xtol=4 * np.finfo(float).eps * solver.t)
+    return scipy.optimize.brentq(
+        excess, s_old, solver.t, xtol=4 * np.finfo(float).eps * solver.t
+    )
 
 
 # --------------------------------------------------------------------------
@@ -1309,22 +1358,28 @@ def _max_or_none(records, key, wanted):
 def _message(run, stop, records):
     """One paragraph: where the run stopped, and what to do on failure."""
     cost = records["cost"]
-    where = (f"at s = {stop.s:.6g} of {run.s_max:.6g} after {run.steps} "
-             f"steps; cost {cost[0]:.3e} -> {cost[-1]:.3e}")
+    where = (
+        f"at s = {stop.s:.6g} of {run.s_max:.6g} after {run.steps} "
+        f"steps; cost {cost[0]:.3e} -> {cost[-1]:.3e}"
+    )
     if stop.reason == "time":
         return f"reached s_max {where}"
     if stop.reason == "cost":
         return f"cost fell to stop_cost {run.options.stop_cost:g} {where}"
     if stop.reason == "wall":
-        return (f"wall_limit {run.options.wall_limit:g} s reached {where}; "
-                "raise flow.wall_limit to go further")
+        return (
+            f"wall_limit {run.options.wall_limit:g} s reached {where}; "
+            "raise flow.wall_limit to go further"
+        )
     if stop.reason == "blowup":
         return f"flow blew up {where}: {stop.detail}. {_blowup_hint(run)}"
-    return (f"solver {run.options.solver} stalled {where} ({stop.detail}). "
-            "The vector field is nearly singular there, which for an "
-            "undamped adapted or homotopy flow means a near-singular NTK: "
-            f"{_DAMPING_HINT}, raise flow.rank_cutoff (now "
-            f"{run.options.rank_cutoff:g}) or lower flow.alpha.")
+    return (
+        f"solver {run.options.solver} stalled {where} ({stop.detail}). "
+        "The vector field is nearly singular there, which for an "
+        "undamped adapted or homotopy flow means a near-singular NTK: "
+        f"{_DAMPING_HINT}, raise flow.rank_cutoff (now "
+        f"{run.options.rank_cutoff:g}) or lower flow.alpha."
+    )
 
 
 def _blowup_hint(run):
@@ -1332,7 +1387,7 @@ def _blowup_hint(run):
     if o.solver == "euler":
         first = f"Use a smaller flow.step (now {o.step:g})"
     else:
-        first = (f"Tighten flow.rtol (now {o.rtol:g}) or set flow.max_step")
+        first = f"Tighten flow.rtol (now {o.rtol:g}) or set flow.max_step"
     if run.fld.projects and o.damping == 0:
         return f"{first}; if the NTK is near singular, {_DAMPING_HINT}."
     return f"{first}."

@@ -19,7 +19,9 @@ SKIPPED_KEYS = ("point", "message")
 def result_files(folder):
     """Every result file below ``folder``, complete or partial, sorted."""
     folder = Path(folder)
-    files = list(folder.rglob("*.h5")) + list(folder.rglob(f"*.h5{store.PARTIAL_SUFFIX}"))
+    files = list(folder.rglob("*.h5")) + list(
+        folder.rglob(f"*.h5{store.PARTIAL_SUFFIX}")
+    )
     return sorted(files)
 
 
@@ -28,8 +30,13 @@ def row_of(path):
     attrs = store.root_attrs(path)
     summary = attrs.get("summary")
     summary = dict(summary) if isinstance(summary, dict) else {}
-    row = {"experiment": attrs.get("experiment"), "run_id": attrs.get("run_id"),
-           "kind": attrs.get("kind"), "status": attrs.get("status"), "path": str(path)}
+    row = {
+        "experiment": attrs.get("experiment"),
+        "run_id": attrs.get("run_id"),
+        "kind": attrs.get("kind"),
+        "status": attrs.get("status"),
+        "path": str(path),
+    }
     if not attrs.get("complete"):
         row["status"] = attrs.get("status") or "incomplete"
     point = attrs.get("point") if isinstance(attrs.get("point"), dict) else {}
@@ -67,7 +74,9 @@ def write_table(rows, columns, path):
             import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError as exc:
-            raise RuntimeError("writing Parquet needs pyarrow: pip install pyarrow") from exc
+            raise RuntimeError(
+                "writing Parquet needs pyarrow: pip install pyarrow"
+            ) from exc
         table = pa.table({c: [r.get(c) for r in rows] for c in columns})
         pq.write_table(table, path)
         return path

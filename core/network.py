@@ -186,14 +186,10 @@ def init_params(widths, *, rng, scheme="he", scale=1.0, bias_scale=0.0):
     """
     widths = _check_widths(widths)
     if scheme not in INIT_SCHEMES:
-        raise ValueError(
-            f"scheme: expected one of {INIT_SCHEMES}, got {scheme!r}"
-        )
+        raise ValueError(f"scheme: expected one of {INIT_SCHEMES}, got {scheme!r}")
     for name, value in (("scale", scale), ("bias_scale", bias_scale)):
         if not (np.isfinite(value) and value >= 0):
-            raise ValueError(
-                f"{name}: expected a finite number >= 0, got {value!r}"
-            )
+            raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
     generator = np.random.default_rng(rng)
     params = []
     for m_in, m_out in zip(widths, widths[1:]):
@@ -252,9 +248,7 @@ def load_npz(path, widths=None):
         expected = _check_widths(widths)
         found = widths_of(params)
         if found != expected:
-            raise ValueError(
-                f"{path}: expected widths {expected}, got {found}"
-            )
+            raise ValueError(f"{path}: expected widths {expected}, got {found}")
     return params
 
 
@@ -289,8 +283,7 @@ def _params_from_arrays(arrays, where):
     unknown = sorted(name for name in arrays if not _NPZ_NAME.match(name))
     if unknown:
         raise ValueError(
-            f"{where}: unexpected arrays {unknown}; expected only "
-            "W1, b1, W2, b2, ..."
+            f"{where}: unexpected arrays {unknown}; expected only W1, b1, W2, b2, ..."
         )
     indices = [int(_NPZ_NAME.match(name).group(2)) for name in arrays]
     n_layers = max(indices, default=0)
@@ -303,9 +296,7 @@ def _params_from_arrays(arrays, where):
             f"{where}: missing arrays {missing} for a network with "
             f"{n_layers} layers (W{n_layers} is present)"
         )
-    params = [
-        (arrays[f"W{l}"], arrays[f"b{l}"]) for l in range(1, n_layers + 1)
-    ]
+    params = [(arrays[f"W{l}"], arrays[f"b{l}"]) for l in range(1, n_layers + 1)]
     try:
         params, _ = _check_params(params)
     except ValueError as exc:
@@ -352,15 +343,13 @@ def _check_params(params):
     for l, pair in enumerate(params, start=1):
         if len(pair) != 2:
             raise ValueError(
-                f"params[{l - 1}]: expected a (W{l}, b{l}) pair, got "
-                f"{len(pair)} items"
+                f"params[{l - 1}]: expected a (W{l}, b{l}) pair, got {len(pair)} items"
             )
         W = np.asarray(pair[0], dtype=np.float64)
         b = np.asarray(pair[1], dtype=np.float64)
         if W.ndim != 2 or min(W.shape) < 1:
             raise ValueError(
-                f"W{l}: expected a non-empty 2-d array (out, in), got shape "
-                f"{W.shape}"
+                f"W{l}: expected a non-empty 2-d array (out, in), got shape {W.shape}"
             )
         if widths is None:
             widths = [W.shape[1]]
@@ -641,8 +630,7 @@ def vjp(params, X, c, activation="relu"):
     c = np.asarray(c, dtype=np.float64)
     if c.shape not in (shape, (shape[0] * shape[1],)):
         raise ValueError(
-            f"c: expected shape {shape} or ({shape[0] * shape[1]},), "
-            f"got {c.shape}"
+            f"c: expected shape {shape} or ({shape[0] * shape[1]},), got {c.shape}"
         )
     cache = _forward_cache(params, X, activation)
     grad = c.reshape(shape)
@@ -712,9 +700,7 @@ def _kernel_rows(G, sens, inputs, n_outputs, block, workspace):
     start, stop = block
     Q = n_outputs
     lo, hi = start * Q, stop * Q
-    total, layer = (
-        buf[: (hi - lo) * hi].reshape(hi - lo, hi) for buf in workspace[:2]
-    )
+    total, layer = (buf[: (hi - lo) * hi].reshape(hi - lo, hi) for buf in workspace[:2])
     rows = G[lo:hi, :hi]
     if not sens:
         total[...] = 0.0

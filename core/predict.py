@@ -87,7 +87,9 @@ class Prediction:
 
 def nearest(points, centers):
     """Index of the nearest row of ``centers`` for each row of ``points``."""
-    d2 = (points**2).sum(1)[:, None] - 2 * points @ centers.T + (centers**2).sum(1)[None]
+    d2 = (
+        (points**2).sum(1)[:, None] - 2 * points @ centers.T + (centers**2).sum(1)[None]
+    )
     return d2.argmin(axis=1)
 
 
@@ -97,11 +99,17 @@ def predict(net, X):
     if X.ndim != 2 or X.shape[1] != net.input_dim:
         raise ValueError(f"inputs must have shape (n, {net.input_dim}), got {X.shape}")
     out = network.forward(net.layers, X, activation=net.activation)
-    classes = nearest(out, net.Y) if net.Y is not None and net.Y.shape[1] == out.shape[1] \
+    classes = (
+        nearest(out, net.Y)
+        if net.Y is not None and net.Y.shape[1] == out.shape[1]
         else None
+    )
     metric = _metric_classes(net, X)
-    agreement = float(np.mean(metric == classes)) if metric is not None and \
-        classes is not None else None
+    agreement = (
+        float(np.mean(metric == classes))
+        if metric is not None and classes is not None
+        else None
+    )
     return Prediction(out, classes, metric, agreement)
 
 
@@ -117,16 +125,19 @@ def _metric_classes(net, X):
 
 
 def load_inputs(path):
-    """Inputs from ``.npz`` (array ``X``) or ``.csv`` (numbers only, optional header)."""
+    """Inputs from ``.npz`` (array ``X``) or ``.csv`` (numbers, optional header)."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path}: no such file")
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as f:
             if "X" not in f.files:
-                raise ValueError(f"{path}: no array X; found {', '.join(f.files) or 'none'}")
-            return np.asarray(f["X"], dtype=float), (np.asarray(f["labels"])
-                                                     if "labels" in f.files else None)
+                raise ValueError(
+                    f"{path}: no array X; found {', '.join(f.files) or 'none'}"
+                )
+            return np.asarray(f["X"], dtype=float), (
+                np.asarray(f["labels"]) if "labels" in f.files else None
+            )
     if path.suffix == ".csv":
         text = path.read_text().strip().splitlines()
         rows = [r.split(",") for r in text if r.strip()]

@@ -39,9 +39,21 @@ class ReducedConstruction(cs.Construction):
     round_trip_error: float = np.nan
 
 
-def build_clustered_reduced(X, labels, Y, *, mu_factor=cs.MU_FACTOR, theta0=cs.THETA0,
-                            radius=None, order=None, hidden_layers=None, strict=True,
-                            intercept=False, keep_rows=None, progress=None):
+def build_clustered_reduced(
+    X,
+    labels,
+    Y,
+    *,
+    mu_factor=cs.MU_FACTOR,
+    theta0=cs.THETA0,
+    radius=None,
+    order=None,
+    hidden_layers=None,
+    strict=True,
+    intercept=False,
+    keep_rows=None,
+    progress=None,
+):
     """Build a zero-cost network for clustered data with hidden width Q.
 
     Layer ``l`` sends class ``order[l]`` to ``p = mean + mu_factor r f`` and
@@ -67,8 +79,9 @@ def build_clustered_reduced(X, labels, Y, *, mu_factor=cs.MU_FACTOR, theta0=cs.T
     Q = Y.shape[0]
     cs.check_build_args(X, labels, Y, mu_factor, order, hidden_layers)
     cond = cs.clustered_conditions(X, labels, radius, theta0, Q)
-    hard = (cond.rank < Q or not np.isfinite(cond.theta_j).all()
-            or cond.theta_star >= np.pi)
+    hard = (
+        cond.rank < Q or not np.isfinite(cond.theta_j).all() or cond.theta_star >= np.pi
+    )
     if cond.failures and (strict or hard):
         return ReducedConstruction("failed", "; ".join(cond.failures), cond)
 
@@ -79,19 +92,28 @@ def build_clustered_reduced(X, labels, Y, *, mu_factor=cs.MU_FACTOR, theta0=cs.T
     rows = np.arange(X.shape[0]) if keep_rows is None else np.asarray(keep_rows)
     n_cone = min(L, Q)
     X_cur, cumulative, apexes, margins, failures, truncated = _cone_layers(
-        X, labels, order[:n_cone], stats, cond, U, mu_factor, rows, progress)
+        X, labels, order[:n_cone], stats, cond, U, mu_factor, rows, progress
+    )
 
     try:
         fit = cs.fit_output(X_cur, labels, Y, intercept)
     except ValueError as exc:
         return ReducedConstruction(
-            "failed", "; ".join(failures + [str(exc)]), cond, apexes=apexes,
-            order=order, margins=np.array(margins).reshape(-1, 2),
-            certified=not failures, truncated=truncated, basis=U)
+            "failed",
+            "; ".join(failures + [str(exc)]),
+            cond,
+            apexes=apexes,
+            order=order,
+            margins=np.array(margins).reshape(-1, 2),
+            certified=not failures,
+            truncated=truncated,
+            basis=U,
+        )
     cumulative.append((fit.A, fit.c))
     Wc = [W for W, _ in cumulative]
-    Ws, bs = tr.layers_from_cumulative(Wc, [b for _, b in cumulative],
-                                       check_nested=True)
+    Ws, bs = tr.layers_from_cumulative(
+        Wc, [b for _, b in cumulative], check_nested=True
+    )
     layers = list(zip(Ws, bs))
     round_trip = _round_trip_error(layers, Wc)
     cumulative, layers = cs.pad_identity(cumulative, layers, L - n_cone)
@@ -99,18 +121,28 @@ def build_clustered_reduced(X, labels, Y, *, mu_factor=cs.MU_FACTOR, theta0=cs.T
     out = cs.forward_relu(layers, X)
     notes = failures or list(cond.failures)
     if n_cone < Q:
-        notes = notes + [f"only {n_cone} of {Q} classes collapsed with {L} "
-                         "hidden layers"]
+        notes = notes + [
+            f"only {n_cone} of {Q} classes collapsed with {L} hidden layers"
+        ]
     if progress is not None:
         progress(n_cone + 1, n_cone + 1)
     return ReducedConstruction(
-        status="failed" if failures else "ok", message="; ".join(notes),
-        conditions=cond, layers=layers, cumulative=cumulative, apexes=apexes,
-        order=order, margins=np.array(margins).reshape(-1, 2),
-        certified=not failures, costs=cs.all_costs(out, labels, Y),
-        max_output_error=cs.max_output_error(out, labels, Y), truncated=truncated,
+        status="failed" if failures else "ok",
+        message="; ".join(notes),
+        conditions=cond,
+        layers=layers,
+        cumulative=cumulative,
+        apexes=apexes,
+        order=order,
+        margins=np.array(margins).reshape(-1, 2),
+        certified=not failures,
+        costs=cs.all_costs(out, labels, Y),
+        max_output_error=cs.max_output_error(out, labels, Y),
+        truncated=truncated,
         composition_error=float(np.abs(out - (X_cur @ fit.A.T + fit.c)).max()),
-        output_fit=fit, lam=tr.squeeze_factor(cond.theta_star, Q), basis=U,
+        output_fit=fit,
+        lam=tr.squeeze_factor(cond.theta_star, Q),
+        basis=U,
         widths=[X.shape[1]] + [W.shape[0] for W, _ in layers],
         round_trip_error=round_trip,
     )
@@ -172,4 +204,5 @@ def build_sls_reduced(*args, **kwargs):
         "reduced_width for method 'sls' is not covered by [CE-SLS] (reference "
         "section 5: 'Narrower layers are not covered'); use reduced_width=False, "
         "or method 'clustered' with reduced_width=True when the data are "
-        "clustered")
+        "clustered"
+    )

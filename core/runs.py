@@ -17,6 +17,7 @@ from . import construct as cons
 from . import data as data_mod
 from . import store
 
+
 class RunFailure(Exception):
     """A run cannot go on; the message says why and what to try."""
 
@@ -24,18 +25,41 @@ class RunFailure(Exception):
 def make_dataset(cfg, rng, base_dir="."):
     """Build the dataset a run's ``data:`` block describes."""
     if cfg.source == "clusters":
-        targets = None if cfg.targets == "onehot" else np.asarray(cfg.targets, dtype=float)
+        targets = (
+            None if cfg.targets == "onehot" else np.asarray(cfg.targets, dtype=float)
+        )
         return data_mod.clusters(
-            cfg.classes, cfg.dim, cfg.points, cfg.radius, rng, distribution=cfg.distribution,
-            layout=cfg.layout, scale=cfg.scale, separation=cfg.separation, means=cfg.means,
-            targets=targets)
+            cfg.classes,
+            cfg.dim,
+            cfg.points,
+            cfg.radius,
+            rng,
+            distribution=cfg.distribution,
+            layout=cfg.layout,
+            scale=cfg.scale,
+            separation=cfg.separation,
+            means=cfg.means,
+            targets=targets,
+        )
     if cfg.source == "sls":
         from .sls import make_sls_data
 
-        targets = None if cfg.targets == "onehot" else np.asarray(cfg.targets, dtype=float)
-        return make_sls_data(cfg.classes, cfg.dim, cfg.points, rng, order=cfg.order,
-                             distance=cfg.distance, length=cfg.length, width=cfg.width,
-                             gap=cfg.gap, offset=cfg.offset, targets=targets)
+        targets = (
+            None if cfg.targets == "onehot" else np.asarray(cfg.targets, dtype=float)
+        )
+        return make_sls_data(
+            cfg.classes,
+            cfg.dim,
+            cfg.points,
+            rng,
+            order=cfg.order,
+            distance=cfg.distance,
+            length=cfg.length,
+            width=cfg.width,
+            gap=cfg.gap,
+            offset=cfg.offset,
+            targets=targets,
+        )
     if cfg.source == "sklearn":
         ds = data_mod.load_sklearn(cfg.name, cfg.standardize, cfg.dim)
         if cfg.augment:  # centred data have dependent means; a constant lifts them
@@ -51,7 +75,9 @@ def make_dataset(cfg, rng, base_dir="."):
         Y = np.asarray(cfg.targets, dtype=float)
         if Y.shape[0] != ds.n_classes:
             raise data_mod.DataError(
-                f"data.targets has {Y.shape[0]} rows but {path} has {ds.n_classes} classes")
+                f"data.targets has {Y.shape[0]} rows but {path} has "
+                f"{ds.n_classes} classes"
+            )
         ds.Y = Y
     return ds
 
@@ -70,16 +96,26 @@ def execute(run, force=False, progress=None):
         return RUNNERS[run.kind](run, progress)
     except Exception as exc:  # a bug: report it on this run, let the others go on
         summary = base_summary(run, "failed")
-        summary["message"] = (f"internal error {type(exc).__name__}: {exc} "
-                              "(please report it with the spec that caused it)")
+        summary["message"] = (
+            f"internal error {type(exc).__name__}: {exc} "
+            "(please report it with the spec that caused it)"
+        )
         summary["wall_time"] = None
         return summary
 
 
 def base_summary(run, status="ok", message=""):
-    return {"run_id": run.run_id, "experiment": run.experiment, "kind": run.kind,
-            "status": status, "path": str(run.path), "message": message,
-            "seed": run.seed, "point": run.point, "wall_time": time.perf_counter()}
+    return {
+        "run_id": run.run_id,
+        "experiment": run.experiment,
+        "kind": run.kind,
+        "status": status,
+        "path": str(run.path),
+        "message": message,
+        "seed": run.seed,
+        "point": run.point,
+        "wall_time": time.perf_counter(),
+    }
 
 
 def skipped_summary(run):
@@ -87,16 +123,25 @@ def skipped_summary(run):
     summary = store.root_attr(run.path, "summary") or {}
     summary = dict(summary) if isinstance(summary, dict) else {}
     wall = summary.get("wall_time")
-    summary.update(base_summary(run, "skipped", "complete result with the same spec exists"))
+    summary.update(
+        base_summary(run, "skipped", "complete result with the same spec exists")
+    )
     summary["wall_time"] = wall
     return summary
 
 
 def _open_writer(run, **attrs):
     return store.ResultWriter(
-        run.path, kind=run.kind, experiment=run.experiment, run_id=run.run_id,
-        seed=run.seed, run_key=str(run.run_key), spec_hash=run.spec_hash,
-        point=run.point, **attrs)
+        run.path,
+        kind=run.kind,
+        experiment=run.experiment,
+        run_id=run.run_id,
+        seed=run.seed,
+        run_key=str(run.run_key),
+        spec_hash=run.spec_hash,
+        point=run.point,
+        **attrs,
+    )
 
 
 def _write_spec_and_data(w, run, ds):
@@ -107,11 +152,19 @@ def _write_spec_and_data(w, run, ds):
     w.array("data", "Y", ds.Y)
     if ds.centers is not None:
         w.array("data", "centers", ds.centers)
-    w.set_attrs("data", source=ds.source, radius=ds.radius, distribution=ds.distribution,
-                n_samples=ds.X.shape[0], n_classes=ds.n_classes, dim=ds.X.shape[1])
+    w.set_attrs(
+        "data",
+        source=ds.source,
+        radius=ds.radius,
+        distribution=ds.distribution,
+        n_samples=ds.X.shape[0],
+        n_classes=ds.n_classes,
+        dim=ds.X.shape[1],
+    )
 
 
 # --------------------------------------------------------------- construct
+
 
 def run_construct(run, progress=None):
     """Build the run's explicit minimizer (its ``construct.method``); write the file."""
@@ -128,10 +181,13 @@ def run_construct(run, progress=None):
     w = _open_writer(run, method=copt.method)
     try:
         _write_spec_and_data(w, run, ds)
-        problem = hidden_problem(copt.method, copt.reduced_width, hidden, ds.X.shape[1],
-                                 ds.n_classes)
+        problem = hidden_problem(
+            copt.method, copt.reduced_width, hidden, ds.X.shape[1], ds.n_classes
+        )
         if problem:
-            return _finish(w, summary, "failed", f"network.hidden = {hidden}: needs {problem}")
+            return _finish(
+                w, summary, "failed", f"network.hidden = {hidden}: needs {problem}"
+            )
         build = METHOD_BUILDERS[copt.method]
         status, message = build(w, summary, ds, copt, hidden, rng, progress)
         return _finish(w, summary, status, message)
@@ -151,28 +207,48 @@ def _build_deep(w, summary, ds, copt, hidden, rng, progress):
         summary.update(_write_sls(w, result))
     if copt.reduced_width and result.layers:
         summary["weights"] = cons.weight_count(result.layers)
-        summary["widths"] = [int(W.shape[1]) for W, _ in result.layers] + \
-            [int(result.layers[-1][0].shape[0])]
+        summary["widths"] = [int(W.shape[1]) for W, _ in result.layers] + [
+            int(result.layers[-1][0].shape[0])
+        ]
     return result.status, result.message
 
 
 def deep_construction(ds, copt, hidden, rows=None, progress=None):
     """The Construction (A, reduced A, or B) a ``construct:`` block asks for."""
-    common = dict(hidden_layers=len(hidden) if hidden else None, intercept=copt.intercept,
-                  keep_rows=rows, progress=progress)
+    common = dict(
+        hidden_layers=len(hidden) if hidden else None,
+        intercept=copt.intercept,
+        keep_rows=rows,
+        progress=progress,
+    )
     if copt.method == "sls":
         from . import sls  # SciPy's optimize loads only for the LP-based method
 
         planes = None if copt.planes is None else np.asarray(copt.planes, dtype=float)
-        return sls.build_sls(ds.X, ds.labels, ds.Y, order=copt.order, planes=planes,
-                             theta_frac=copt.theta_frac, **common)
+        return sls.build_sls(
+            ds.X,
+            ds.labels,
+            ds.Y,
+            order=copt.order,
+            planes=planes,
+            theta_frac=copt.theta_frac,
+            **common,
+        )
     if copt.reduced_width:
         from .reduced import build_clustered_reduced as build
     else:
         build = cons.build_clustered
-    return build(ds.X, ds.labels, ds.Y, mu_factor=copt.mu_factor, theta0=copt.theta0,
-                 radius=_build_radius(copt.radius, ds), order=copt.order,
-                 strict=copt.strict, **common)
+    return build(
+        ds.X,
+        ds.labels,
+        ds.Y,
+        mu_factor=copt.mu_factor,
+        theta0=copt.theta0,
+        radius=_build_radius(copt.radius, ds),
+        order=copt.order,
+        strict=copt.strict,
+        **common,
+    )
 
 
 def _write_sls(w, result):
@@ -185,8 +261,12 @@ def _write_sls(w, result):
     if result.planes:
         H = np.array([np.append(p.normal, p.offset) for p in result.planes])
         w.array("sls", "hyperplanes", H, columns="unit normal h_j, offset c_j")
-        w.array("sls", "description", result.description,
-                columns="theta_j, h_j (dim numbers), t_j")
+        w.array(
+            "sls",
+            "description",
+            result.description,
+            columns="theta_j, h_j (dim numbers), t_j",
+        )
         w.array("sls", "theta", result.theta)
         w.array("sls", "theta_min", result.theta_min)
         w.array("sls", "t", np.array([p.t for p in result.planes]))
@@ -196,38 +276,57 @@ def _write_sls(w, result):
 
 
 def _build_shallow(w, summary, ds, copt, hidden, rng, progress):
-    """Method ``shallow``: one hidden layer, the O(delta_P) bound and exact LS values."""
+    """Method ``shallow``: one hidden layer, the O(delta_P) bound, exact LS values."""
     from . import shallow
 
     result = shallow.build_shallow(ds.X, ds.labels, ds.Y)
     if result.layers:
         store.store_layers(w, "network", result.layers)
-        w.set_attrs("network", activation="relu", hidden_layers=1,
-                    weights=cons.weight_count(result.layers))
+        w.set_attrs(
+            "network",
+            activation="relu",
+            hidden_layers=1,
+            weights=cons.weight_count(result.layers),
+        )
     values = {k: _finite_or_none(v) for k, v in result.as_dict().items()}
-    w.set_attrs("metrics", **values, **result.costs, identity_regime=result.identity_regime,
-                beta=result.beta, max_output_error=result.max_output_error,
-                gap_within_bound=bool(result.gap.within) if result.gap else None)
+    w.set_attrs(
+        "metrics",
+        **values,
+        **result.costs,
+        identity_regime=result.identity_regime,
+        beta=result.beta,
+        max_output_error=result.max_output_error,
+        gap_within_bound=bool(result.gap.within) if result.gap else None,
+    )
     heldout = _heldout_error(result, ds, copt.heldout, rng)
     summary.update(values)
     summary.update({
-        "cost_kind": "C_N", "cost_spread": result.costs.get("C_N_spread"),
+        "cost_kind": "C_N",
+        "cost_spread": result.costs.get("C_N_spread"),
         "cost_mismatch": result.costs.get("C_N_mismatch"),
         "certified": bool(result.identity_regime),
         "max_output_error": _finite_or_none(result.max_output_error),
-        "heldout_max_output_error": heldout, "method": "shallow",
+        "heldout_max_output_error": heldout,
+        "method": "shallow",
         "gap_within_bound": bool(result.gap.within) if result.gap else None,
     })
     return result.status, result.message
 
 
 def _build_family(w, summary, ds, copt, hidden, rng, progress):
-    """Method ``collapse-keep``: every collapse/keep pattern and the local-minimum check."""
+    """Method ``collapse-keep``: every pattern and the local-minimum check."""
     from . import family
 
     try:
-        fam = family.all_patterns(ds.X, ds.labels, ds.Y, max_classes=copt.max_classes,
-                                  rng=rng, mu_factor=copt.mu_factor, nu_rule=copt.nu_rule)
+        fam = family.all_patterns(
+            ds.X,
+            ds.labels,
+            ds.Y,
+            max_classes=copt.max_classes,
+            rng=rng,
+            mu_factor=copt.mu_factor,
+            nu_rule=copt.nu_rule,
+        )
     except ValueError as exc:
         return "failed", str(exc)
     rows = fam.rows()
@@ -244,7 +343,8 @@ def _build_family(w, summary, ds, copt, hidden, rng, progress):
     scalars = {
         "configurations": fam.configurations,
         "certified": all(p.certified for p in fam.patterns),
-        "cost": _finite_or_none(best.cost_no_intercept), "cost_kind": "C_N",
+        "cost": _finite_or_none(best.cost_no_intercept),
+        "cost_kind": "C_N",
         "all_keep_cost_intercept": _finite_or_none(fam.patterns[-1].cost_intercept),
         "local_min_checked": check is not None,
         "local_min_passed": bool(check.passed) if check else None,
@@ -255,12 +355,19 @@ def _build_family(w, summary, ds, copt, hidden, rng, progress):
     summary.update(scalars)
     failed = [p.row()["pattern"] for p in fam.patterns if p.status != "ok"]
     if failed:
-        return "failed", f"patterns {', '.join(failed)} failed: {fam.patterns[0].message}"
+        return (
+            "failed",
+            f"patterns {', '.join(failed)} failed: {fam.patterns[0].message}",
+        )
     return "ok", ""
 
 
-METHOD_BUILDERS = {"clustered": _build_deep, "sls": _build_deep,
-                   "shallow": _build_shallow, "collapse-keep": _build_family}
+METHOD_BUILDERS = {
+    "clustered": _build_deep,
+    "sls": _build_deep,
+    "shallow": _build_shallow,
+    "collapse-keep": _build_family,
+}
 
 
 def _finish(w, summary, status, message):
@@ -316,32 +423,44 @@ def _write_construction(w, result, rows):
     store.store_layers(w, "network", result.layers)
     store.store_layers(w, "network/cumulative", result.cumulative)
     widths = [W.shape[1] for W, _ in result.layers] + [result.layers[-1][0].shape[0]]
-    w.set_attrs("network", activation="relu", widths=widths,
-                hidden_layers=len(result.layers) - 1,
-                weights=cons.weight_count(result.layers))
+    w.set_attrs(
+        "network",
+        activation="relu",
+        widths=widths,
+        hidden_layers=len(result.layers) - 1,
+        weights=cons.weight_count(result.layers),
+    )
     w.array("truncation", "rows", rows)
     for ell, Xt in enumerate(result.truncated):
         w.array("truncation", f"layer{ell}", Xt)
     w.array("truncation", "apexes", result.apexes)
     w.array("truncation", "order", np.asarray(result.order))
     w.array("truncation", "margins", result.margins, columns=["collapse", "keep"])
-    w.set_attrs("metrics", **result.costs, certified=result.certified,
-                max_output_error=result.max_output_error,
-                composition_error=result.composition_error,
-                squeeze_factor=result.lam, output_rank=result.output_fit.rank,
-                output_cond=result.output_fit.cond)
+    w.set_attrs(
+        "metrics",
+        **result.costs,
+        certified=result.certified,
+        max_output_error=result.max_output_error,
+        composition_error=result.composition_error,
+        squeeze_factor=result.lam,
+        output_rank=result.output_fit.rank,
+        output_cond=result.output_fit.cond,
+    )
 
 
 def _construct_scalars(result, heldout, method="clustered"):
     cond = result.conditions
     return {
-        "cost": result.costs.get("C_N"), "cost_kind": "C_N",
+        "cost": result.costs.get("C_N"),
+        "cost_kind": "C_N",
         "cost_spread": result.costs.get("C_N_spread"),
         "cost_mismatch": result.costs.get("C_N_mismatch"),
         "certified": bool(result.certified),
         "max_output_error": _finite_or_none(result.max_output_error),
         "heldout_max_output_error": heldout,
-        "delta": cond.delta, "radius": cond.radius, "c0": cond.c0,
+        "delta": cond.delta,
+        "radius": cond.radius,
+        "c0": cond.c0,
         "theta_star": _finite_or_none(cond.theta_star),
         "max_theta_j": _finite_or_none(float(np.max(cond.theta_j))),
         "method": method,
@@ -354,6 +473,7 @@ def _finite_or_none(x):
 
 # -------------------------------------------------------------------- flow
 
+
 def initial_params(cfg, ds, rng, base_dir):
     """Initial weights of a flow: drawn from the seed, or read from a file."""
     from . import network
@@ -363,26 +483,36 @@ def initial_params(cfg, ds, rng, base_dir):
     out_dim = ds.sample_targets().shape[1]
     if init.source == "seed":
         widths = [ds.X.shape[1], *cfg.network.hidden, out_dim]
-        return network.init_params(widths, rng=rng, scheme=init.scheme, scale=init.scale,
-                                   bias_scale=init.bias_scale)
+        return network.init_params(
+            widths,
+            rng=rng,
+            scheme=init.scheme,
+            scale=init.scale,
+            bias_scale=init.bias_scale,
+        )
     if init.source == "partial":
         from .truncview import partial_truncation_start
 
         built = deep_construction(ds, cfg.construct, None)
         if not built.layers:
-            raise RunFailure(f"network.init: partial needs the construction, which failed: "
-                             f"{built.message}")
+            raise RunFailure(
+                f"network.init: partial needs the construction, which failed: "
+                f"{built.message}"
+            )
         return partial_truncation_start(built, ds.X, ds.labels, init.layer, init.weight)
     path = Path(init.path)
     path = path if path.is_absolute() else Path(base_dir) / path
     if not path.exists():
         raise RunFailure(f"network.init.path: {path}: no such file")
-    params = network.load_npz(path) if init.source == "file" else load_network(path).layers
+    params = (
+        network.load_npz(path) if init.source == "file" else load_network(path).layers
+    )
     widths = network.widths_of(params)
     if widths[0] != ds.X.shape[1] or widths[-1] != out_dim:
         raise RunFailure(
-            f"network.init.path: {path} maps R^{widths[0]} to R^{widths[-1]}, but the data "
-            f"have {ds.X.shape[1]} inputs and {out_dim} targets per sample")
+            f"network.init.path: {path} maps R^{widths[0]} to R^{widths[-1]}, "
+            f"but the data have {ds.X.shape[1]} inputs and {out_dim} targets per sample"
+        )
     return [(np.array(W, dtype=float), np.array(b, dtype=float)) for W, b in params]
 
 
@@ -394,9 +524,10 @@ def flow_targets(cfg, ds):
         Y = (1.0 - eps) * Y + eps / Y.shape[1]
     if cfg.flow.loss == "ce" and not np.all(Y > 0):
         raise RunFailure(
-            "flow.loss: ce needs strictly positive label vectors (one-hot labels have no "
-            "finite minimizer); set flow.label_smoothing (e.g. 0.1) or give positive "
-            "data.targets")
+            "flow.loss: ce needs strictly positive label vectors (one-hot labels "
+            "have no finite minimizer); set flow.label_smoothing (e.g. 0.1) or give "
+            "positive data.targets"
+        )
     return Y
 
 
@@ -404,12 +535,25 @@ def flow_options(fcfg):
     from .flows import FlowOptions
 
     return FlowOptions(
-        kind=fcfg.kind, alpha=fcfg.alpha, loss=fcfg.loss, time=fcfg.time, solver=fcfg.solver,
-        rtol=fcfg.rtol, atol=fcfg.atol, step=fcfg.step,
+        kind=fcfg.kind,
+        alpha=fcfg.alpha,
+        loss=fcfg.loss,
+        time=fcfg.time,
+        solver=fcfg.solver,
+        rtol=fcfg.rtol,
+        atol=fcfg.atol,
+        step=fcfg.step,
         max_step=np.inf if fcfg.max_step is None else fcfg.max_step,
-        record=fcfg.record.points, grid=fcfg.record.grid, damping=fcfg.damping,
-        rank_cutoff=fcfg.rank_cutoff, stop_cost=fcfg.stop_cost, wall_limit=fcfg.wall_limit,
-        store_theta=fcfg.store_theta, route=fcfg.route, spectrum=fcfg.spectrum)
+        record=fcfg.record.points,
+        grid=fcfg.record.grid,
+        damping=fcfg.damping,
+        rank_cutoff=fcfg.rank_cutoff,
+        stop_cost=fcfg.stop_cost,
+        wall_limit=fcfg.wall_limit,
+        store_theta=fcfg.store_theta,
+        route=fcfg.route,
+        spectrum=fcfg.spectrum,
+    )
 
 
 def run_flow(run, progress=None):
@@ -444,20 +588,36 @@ def run_flow(run, progress=None):
                 progress(min(s, s_max), s_max)
 
         try:
-            result = flows.integrate(params, ds.X, Y, options, cfg.network.activation,
-                                     on_record=on_record, progress=on_step)
+            result = flows.integrate(
+                params,
+                ds.X,
+                Y,
+                options,
+                cfg.network.activation,
+                on_record=on_record,
+                progress=on_step,
+            )
         except ValueError as exc:
             return _finish(w, summary, "failed", str(exc))
         store.store_layers(w, "network", result.params)
         summary.update(_flow_scalars(result))
-        w.set_attrs("metrics", **{k: v for k, v in summary.items()
-                                  if k not in base_summary(run)})
-        w.set_attrs("trajectory", cost_kind="flow: |x - y|^2 / (2N)" if cfg.flow.loss == "l2"
-                    else "cross-entropy: -(1/N) sum_n <y_n, log softmax(x_n)>")
+        w.set_attrs(
+            "metrics",
+            **{k: v for k, v in summary.items() if k not in base_summary(run)},
+        )
+        w.set_attrs(
+            "trajectory",
+            cost_kind="flow: |x - y|^2 / (2N)"
+            if cfg.flow.loss == "l2"
+            else "cross-entropy: -(1/N) sum_n <y_n, log softmax(x_n)>",
+        )
         return _finish(w, summary, result.status, result.message)
     except KeyboardInterrupt:
-        w.abort(keep=True, status="interrupted",
-                message="interrupted by the user; the trajectory so far is readable")
+        w.abort(
+            keep=True,
+            status="interrupted",
+            message="interrupted by the user; the trajectory so far is readable",
+        )
         raise
     except BaseException:
         w.abort()
@@ -466,16 +626,23 @@ def run_flow(run, progress=None):
 
 def _flow_scalars(result):
     return {
-        "cost_initial": result.cost_initial, "cost_final": result.cost_final,
+        "cost_initial": result.cost_initial,
+        "cost_final": result.cost_final,
         "cost": result.cost_final,
         "cost_kind": "flow" if result.options.loss == "l2" else "cross-entropy",
-        "s_final": result.s_final, "steps": result.steps,
+        "s_final": result.s_final,
+        "steps": result.steps,
         "rhs_evaluations": result.rhs_evaluations,
         "min_ntk_eigenvalue": result.min_ntk_eigenvalue,
-        "exp_rel_error": result.exp_rel_error, "line_rel_error": result.line_rel_error,
-        "stop_reason": result.stop_reason, "K": result.K, "QN": result.QN,
-        "parametrization": result.parametrization, "rank_changes": result.rank_changes,
-        "solver": result.options.solver, "flow_kind": result.options.kind,
+        "exp_rel_error": result.exp_rel_error,
+        "line_rel_error": result.line_rel_error,
+        "stop_reason": result.stop_reason,
+        "K": result.K,
+        "QN": result.QN,
+        "parametrization": result.parametrization,
+        "rank_changes": result.rank_changes,
+        "solver": result.options.solver,
+        "flow_kind": result.options.kind,
     }
 
 
@@ -497,5 +664,10 @@ def _run_truncate(run, progress=None):
     return run_truncate(run, progress)
 
 
-RUNNERS = {"construct": run_construct, "flow": run_flow, "trap": _run_trap,
-           "collapse": _run_collapse, "truncate": _run_truncate}
+RUNNERS = {
+    "construct": run_construct,
+    "flow": run_flow,
+    "trap": _run_trap,
+    "collapse": _run_collapse,
+    "truncate": _run_truncate,
+}

@@ -24,6 +24,7 @@ GAP_RTOL = 1e-12  # rounding allowance of the gap inequalities
 
 # ------------------------------------------------------------- coordinates
 
+
 def barycentric(X, labels, means=None, Q=None):
     """Deviations in coordinates of the means, ``Delta_1 = (X^red)^+ Delta X_0``.
 
@@ -82,6 +83,7 @@ def _scatter(X, labels, stats):
 
 
 # ------------------------------------------------------- least squares
+
 
 def ls_value(X, labels, Y, intercept=False):
     """Smallest ``C_N`` of a linear (or affine) map of the inputs.
@@ -170,13 +172,19 @@ def relative_gap(X, labels, Y):
     rel = 1.0 - best / built if built > 0 else np.nan
     op = float(np.linalg.norm(D2, 2))
     op_bound = op / (1.0 + op)
-    bound = Q * dP ** 2 / (1.0 + Q * dP ** 2)
-    within = bool(np.isnan(rel) or (
-        -GAP_RTOL <= rel <= op_bound + GAP_RTOL and op_bound <= bound * (1 + GAP_RTOL)))
+    bound = Q * dP**2 / (1.0 + Q * dP**2)
+    within = bool(
+        np.isnan(rel)
+        or (
+            -GAP_RTOL <= rel <= op_bound + GAP_RTOL
+            and op_bound <= bound * (1 + GAP_RTOL)
+        )
+    )
     return GapCheck(rel, op_bound, bound, within)
 
 
 # --------------------------------------------------------------- network
+
 
 @dataclass
 class ShallowResult:
@@ -232,10 +240,13 @@ class ShallowResult:
     def as_dict(self):
         """The scalar results, for a JSON summary."""
         return {
-            "delta_p": self.delta_P, "cost": self.cost,
-            "cost_formula": self.cost_formula, "bound": self.bound,
+            "delta_p": self.delta_P,
+            "cost": self.cost,
+            "cost_formula": self.cost_formula,
+            "bound": self.bound,
             "ls_cost_no_intercept": self.ls_no_intercept,
-            "ls_cost_intercept": self.ls_intercept, "ls_trace": self.ls_trace,
+            "ls_cost_intercept": self.ls_intercept,
+            "ls_trace": self.ls_trace,
             "rel_gap": self.gap.rel_gap if self.gap else np.nan,
             "gap_bound": self.gap.bound if self.gap else np.nan,
         }
@@ -284,18 +295,30 @@ def build_shallow(X, labels, Y, R=None, beta=None):
     dP = float(np.sqrt(np.einsum("ij,ij->i", D1, D1).max()))
     regime = bool((H + b1).min() >= 0.0)
     gap = relative_gap(X, labels, Y)
-    message = "" if regime else (
-        f"beta = {beta:.4g} is below max |W_1 x|_inf = {np.abs(H).max():.4g}: some "
-        "hidden units are cut off, so the cost is not the formula's")
+    message = (
+        ""
+        if regime
+        else (
+            f"beta = {beta:.4g} is below max |W_1 x|_inf = {np.abs(H).max():.4g}: some "
+            "hidden units are cut off, so the cost is not the formula's"
+        )
+    )
     costs = cs.all_costs(out, labels, Y)
     return ShallowResult(
-        status="ok" if regime else "failed", message=message, layers=layers,
-        beta=beta, delta_P=dP, cost=costs["C_N"], costs=costs,
+        status="ok" if regime else "failed",
+        message=message,
+        layers=layers,
+        beta=beta,
+        delta_P=dP,
+        cost=costs["C_N"],
+        costs=costs,
         cost_formula=float((w * ((D1 @ Y) ** 2).sum(axis=1)).sum()),
-        bound=Q * float(np.linalg.norm(Y, 2)) ** 2 * dP ** 2,
+        bound=Q * float(np.linalg.norm(Y, 2)) ** 2 * dP**2,
         ls_no_intercept=ls_value(X, labels, Y, False),
         ls_intercept=ls_value(X, labels, Y, True),
-        ls_trace=trace_value(X, labels, Y), gap=gap, identity_regime=regime,
+        ls_trace=trace_value(X, labels, Y),
+        gap=gap,
+        identity_regime=regime,
         max_output_error=cs.max_output_error(out, labels, Y),
     )
 
@@ -316,7 +339,7 @@ def metric_rule(X, means, Y):
     coords = np.linalg.lstsq(np.asarray(means, dtype=float).T, X.T, rcond=None)[0].T
     # (X^red)^+ mean_j = e_j, so the distance is |(coords - e_j) Y|.
     diff = (coords[:, None, :] - np.eye(len(means))[None]) @ Y
-    return np.argmin((diff ** 2).sum(axis=2), axis=1)
+    return np.argmin((diff**2).sum(axis=2), axis=1)
 
 
 def _check_inputs(X, labels, Y):
@@ -326,11 +349,13 @@ def _check_inputs(X, labels, Y):
     if X.ndim != 2 or labels.shape != (X.shape[0],) or Y.ndim != 2:
         raise ValueError(
             f"expected X (N, M), labels (N,) and Y (Q, out), got {X.shape}, "
-            f"{labels.shape} and {Y.shape}")
+            f"{labels.shape} and {Y.shape}"
+        )
     if Y.shape[0] > X.shape[1]:
         raise ValueError(
             f"the shallow construction needs Q <= M, got Q = {Y.shape[0]} classes "
-            f"in dimension M = {X.shape[1]}")
+            f"in dimension M = {X.shape[1]}"
+        )
     return X, labels.astype(int), Y
 
 
@@ -340,6 +365,7 @@ def _check_orthogonal(R, dim):
         raise ValueError(f"R must have shape ({dim}, {dim}), got {R.shape}")
     err = float(np.abs(R.T @ R - np.eye(dim)).max())
     if err > ORTHO_TOL:
-        raise ValueError(f"R must be orthogonal: |R^T R - I| = {err:.3g}, "
-                         f"expected <= {ORTHO_TOL}")
+        raise ValueError(
+            f"R must be orthogonal: |R^T R - I| = {err:.3g}, expected <= {ORTHO_TOL}"
+        )
     return R

@@ -38,6 +38,7 @@ MAX_CLASS_BATCHES = 200  # rejection batches per class before the generator give
 
 # ------------------------------------------------------------ LP geometry
 
+
 class _Problem:
     """Class point sets centred at the barycenter and scaled to unit size.
 
@@ -73,12 +74,14 @@ class _Problem:
     def linprog(self, c, A_ub, b_ub, A_eq=None, b_eq=None, bounds=None):
         """HiGHS; raises unless it proves optimality or infeasibility."""
         self.lp_solves += 1
-        res = linprog(c, A_ub=A_ub, b_ub=b_ub, A_eq=A_eq, b_eq=b_eq, bounds=bounds,
-                      method="highs")
+        res = linprog(
+            c, A_ub=A_ub, b_ub=b_ub, A_eq=A_eq, b_eq=b_eq, bounds=bounds, method="highs"
+        )
         if res.status not in (0, 2):
             raise RuntimeError(
                 f"HiGHS did not settle an SLS linear program (status {res.status}: "
-                f"{res.message}); expected optimal or infeasible")
+                f"{res.message}); expected optimal or infeasible"
+            )
         return res
 
     def separable(self, neg, pos, through=None):
@@ -88,13 +91,16 @@ class _Problem:
         ``h.through + c = 0``: the papers' form with ``p_j`` fixed.
         """
         n = self.dim + 1
-        A = np.vstack([np.hstack([neg, np.ones((len(neg), 1))]),
-                       -np.hstack([pos, np.ones((len(pos), 1))])])
+        A = np.vstack([
+            np.hstack([neg, np.ones((len(neg), 1))]),
+            -np.hstack([pos, np.ones((len(pos), 1))]),
+        ])
         A_eq = b_eq = None
         if through is not None:
             A_eq, b_eq = np.append(through, 1.0)[None, :], [0.0]
-        res = self.linprog(np.zeros(n), A, -np.ones(len(A)), A_eq, b_eq,
-                           [(None, None)] * n)
+        res = self.linprog(
+            np.zeros(n), A, -np.ones(len(A)), A_eq, b_eq, [(None, None)] * n
+        )
         return res.status == 0
 
     def t_range(self, neg, pos, mean):
@@ -105,9 +111,11 @@ class _Problem:
         unknowns, so two LPs in ``(h, c, s)`` give its extremes.
         """
         n = self.dim + 2
-        rows = [np.hstack([neg, np.ones((len(neg), 1)), np.ones((len(neg), 1))]),
-                np.hstack([-pos, -np.ones((len(pos), 1)), np.ones((len(pos), 1))]),
-                np.append(np.zeros(self.dim), [-1.0, 1.0])[None, :]]
+        rows = [
+            np.hstack([neg, np.ones((len(neg), 1)), np.ones((len(neg), 1))]),
+            np.hstack([-pos, -np.ones((len(pos), 1)), np.ones((len(pos), 1))]),
+            np.append(np.zeros(self.dim), [-1.0, 1.0])[None, :],
+        ]
         A = np.vstack(rows)
         A_eq = np.append(mean, [0.0, 0.0])[None, :]
         bounds = [(None, None)] * (self.dim + 1) + [(0.0, None)]
@@ -137,8 +145,10 @@ class _Problem:
         Un, Up = _unit_rows(neg - p), _unit_rows(pos - p)
         if Un is None or Up is None:
             return None, 0.0
-        A = np.vstack([np.hstack([Un, np.ones((len(Un), 1))]),
-                       np.hstack([-Up, np.ones((len(Up), 1))])])
+        A = np.vstack([
+            np.hstack([Un, np.ones((len(Un), 1))]),
+            np.hstack([-Up, np.ones((len(Up), 1))]),
+        ])
         c = np.zeros(self.dim + 1)
         c[-1] = -1.0
         bounds = [(-1.0, 1.0)] * self.dim + [(None, 1.0)]
@@ -159,6 +169,7 @@ def _unit_rows(D):
 
 
 # ------------------------------------------------------------ one step
+
 
 @dataclass
 class _Step:
@@ -224,6 +235,7 @@ def _pick_t(t_lo, t_hi, policy, t_grid):
 
 # ------------------------------------------------------------ diagnostics
 
+
 @dataclass
 class Blocking:
     """A smallest set of objects that keeps a class from being cut off.
@@ -266,8 +278,10 @@ class Blocking:
         when = "first" if not self.prefix else f"after {list(self.prefix)}"
         n_items = len(self.classes) + len(self.apexes) + self.barycenter
         joint = " together" if n_items > 1 else ""
-        return (f"class {self.cls} cannot be collapsed {when}: no hyperplane "
-                f"separates it from {' and '.join(parts)}{joint}")
+        return (
+            f"class {self.cls} cannot be collapsed {when}: no hyperplane "
+            f"separates it from {' and '.join(parts)}{joint}"
+        )
 
 
 def _names(word, ks):
@@ -299,13 +313,16 @@ def _blocking(prob, cls, prefix, apexes, later):
         if not prob.separable(prob.points[cls], pos_of(trial)):
             keep = trial
     return Blocking(
-        cls, tuple(prefix),
+        cls,
+        tuple(prefix),
         classes=[k for kind, k in keep if kind == "class"],
         apexes=[prefix[i] for kind, i in keep if kind == "apex"],
-        barycenter=any(kind == "barycenter" for kind, _ in keep))
+        barycenter=any(kind == "barycenter" for kind, _ in keep),
+    )
 
 
 # ------------------------------------------------------------ the search
+
 
 @dataclass
 class SLSPlane:
@@ -433,8 +450,16 @@ def _walk(prob, order, policy, t_grid):
     return steps, None, ""
 
 
-def find_sls_order(X, labels, order=None, t_grid=None, max_exhaustive=MAX_EXHAUSTIVE, *,
-                   Q=None, max_lp_solves=MAX_LP_SOLVES):
+def find_sls_order(
+    X,
+    labels,
+    order=None,
+    t_grid=None,
+    max_exhaustive=MAX_EXHAUSTIVE,
+    *,
+    Q=None,
+    max_lp_solves=MAX_LP_SOLVES,
+):
     """Find a collapse order and separating hyperplanes that make the data SLS.
 
     Each step solves the t-free feasibility LP of reference section 5:
@@ -492,50 +517,80 @@ def _check_given_order(prob, order, t_grid):
     block = _blocking(prob, order[k], order[:k], apexes, later)
     dead = [block] if block is not None else []
     text = block.describe() if block else "its feasible set is too thin to use"
-    message = (f"order {order} fails at step {k + 1} of {prob.Q} "
-               f"(class {order[k]}): {text}")
+    message = (
+        f"order {order} fails at step {k + 1} of {prob.Q} (class {order[k]}): {text}"
+    )
     if why != "points":
         message += "; segment positions were also tried on the t-grid"
-    return SLSOrder(False, order[:k], [_plane(prob, s) for s in steps], message,
-                    exhaustive=True, policy=policy, first_step=_first_step(prob),
-                    dead_end=dead, dead_end_prefix=tuple(order[:k]),
-                    lp_solves=prob.lp_solves)
+    return SLSOrder(
+        False,
+        order[:k],
+        [_plane(prob, s) for s in steps],
+        message,
+        exhaustive=True,
+        policy=policy,
+        first_step=_first_step(prob),
+        dead_end=dead,
+        dead_end_prefix=tuple(order[:k]),
+        lp_solves=prob.lp_solves,
+    )
 
 
 def _found(prob, steps, policy, exhaustive):
     order = [s.cls for s in steps]
-    return SLSOrder(True, order, [_plane(prob, s) for s in steps],
-                    f"SLS order {order} found ({policy} segment positions, "
-                    f"{prob.lp_solves} linear programs)",
-                    exhaustive=exhaustive, policy=policy, lp_solves=prob.lp_solves)
+    return SLSOrder(
+        True,
+        order,
+        [_plane(prob, s) for s in steps],
+        f"SLS order {order} found ({policy} segment positions, "
+        f"{prob.lp_solves} linear programs)",
+        exhaustive=exhaustive,
+        policy=policy,
+        lp_solves=prob.lp_solves,
+    )
 
 
 def _not_found(prob, deepest, complete, apex_trouble):
     prefix = [s.cls for s in deepest]
     apexes = [s.p for s in deepest]
     later = [j for j in range(prob.Q) if j not in prefix]
-    dead = [b for c in later
-            if (b := _blocking(prob, c, prefix, apexes, [k for k in later if k != c]))]
+    dead = [
+        b
+        for c in later
+        if (b := _blocking(prob, c, prefix, apexes, [k for k in later if k != c]))
+    ]
     first = _first_step(prob)
     if not complete:
-        head = ("no SLS order found by greedy search with backtracking (not "
-                "exhaustive: more classes than max_exhaustive or the LP budget "
-                "ran out)")
+        head = (
+            "no SLS order found by greedy search with backtracking (not "
+            "exhaustive: more classes than max_exhaustive or the LP budget "
+            "ran out)"
+        )
     elif apex_trouble:
-        head = ("no SLS order exists with segment positions in the middle or at "
-                "the top (on the t-grid) of their feasible ranges; every order "
-                "was examined")
+        head = (
+            "no SLS order exists with segment positions in the middle or at "
+            "the top (on the t-grid) of their feasible ranges; every order "
+            "was examined"
+        )
     else:
-        head = ("no SLS order exists: every order of the classes reaches an "
-                "infeasible step")
+        head = (
+            "no SLS order exists: every order of the classes reaches an infeasible step"
+        )
     lines = [b.describe() for b in first] or ["every class can go first"]
     if prefix:
         lines += [f"deepest partial order {prefix}: " + b.describe() for b in dead]
-    return SLSOrder(False, prefix, [_plane(prob, s) for s in deepest],
-                    head + "; " + "; ".join(lines), exhaustive=complete,
-                    policy="top" if apex_trouble else "mid", first_step=first,
-                    dead_end=dead, dead_end_prefix=tuple(prefix),
-                    lp_solves=prob.lp_solves)
+    return SLSOrder(
+        False,
+        prefix,
+        [_plane(prob, s) for s in deepest],
+        head + "; " + "; ".join(lines),
+        exhaustive=complete,
+        policy="top" if apex_trouble else "mid",
+        first_step=first,
+        dead_end=dead,
+        dead_end_prefix=tuple(prefix),
+        lp_solves=prob.lp_solves,
+    )
 
 
 def _first_step(prob):
@@ -551,11 +606,19 @@ def _first_step(prob):
 def _plane(prob, step):
     """Convert a scaled-coordinate step to an SLSPlane in input coordinates."""
     apex = prob.to_input(step.p)
-    return SLSPlane(step.cls, step.h.copy(), float(-step.h @ apex), step.t, apex,
-                    (step.t_lo, step.t_hi), step.cos_margin)
+    return SLSPlane(
+        step.cls,
+        step.h.copy(),
+        float(-step.h @ apex),
+        step.t,
+        apex,
+        (step.t_lo, step.t_hi),
+        step.cos_margin,
+    )
 
 
 # ------------------------------------------------------ single-step checks
+
 
 def sls_step_feasible(X, labels, order, step, apexes=None, t=None, *, Q=None):
     """Decide whether class ``order[step]`` can be cut off at that step.
@@ -620,7 +683,8 @@ def _step_setup(X, labels, order, step, apexes, Q):
         if k is not None:
             raise ValueError(
                 f"step {k + 1} of order {order[:step]} is already infeasible; pass the "
-                "earlier apexes explicitly to test a later step")
+                "earlier apexes explicitly to test a later step"
+            )
         A = np.array([s.p for s in steps]).reshape(-1, prob.dim)
     else:
         A = prob.to_scaled(np.asarray(apexes, dtype=float).reshape(-1, prob.dim))
@@ -631,6 +695,7 @@ def _step_setup(X, labels, order, step, apexes, Q):
 
 
 # ------------------------------------------------------------ the network
+
 
 @dataclass
 class SLSConstruction(cs.Construction):
@@ -669,10 +734,23 @@ class SLSConstruction(cs.Construction):
     cost_tol: float = np.nan
 
 
-def build_sls(X, labels, Y, order=None, planes=None, *, t_grid=None,
-              theta_frac=THETA_FRAC, hidden_layers=None, intercept=False,
-              reduced_width=False, keep_rows=None, progress=None,
-              max_exhaustive=MAX_EXHAUSTIVE, max_lp_solves=MAX_LP_SOLVES):
+def build_sls(
+    X,
+    labels,
+    Y,
+    order=None,
+    planes=None,
+    *,
+    t_grid=None,
+    theta_frac=THETA_FRAC,
+    hidden_layers=None,
+    intercept=False,
+    reduced_width=False,
+    keep_rows=None,
+    progress=None,
+    max_exhaustive=MAX_EXHAUSTIVE,
+    max_lp_solves=MAX_LP_SOLVES,
+):
     """Build a zero-cost ReLU network on sequentially separable data (Construction B).
 
     Layer ``j`` is the cone layer ``W = W_theta_j R_h_j``, ``b = -W p_j``, with
@@ -714,7 +792,8 @@ def build_sls(X, labels, Y, order=None, planes=None, *, t_grid=None,
         raise NotImplementedError(
             "reduced_width=True with method 'sls' is not covered by [CE-SLS] "
             "(reference section 5: 'Narrower layers are not covered'); build "
-            "with full width M")
+            "with full width M"
+        )
     X, labels, Q = _check_data(X, labels, np.asarray(Y).shape[0])
     Y = np.asarray(Y, dtype=float)
     if not 0.0 < theta_frac < 1.0:
@@ -724,31 +803,64 @@ def build_sls(X, labels, Y, order=None, planes=None, *, t_grid=None,
     cond = cs.clustered_conditions(X, labels, Q=Q)
     search = None
     if planes is None:
-        search = find_sls_order(X, labels, order, t_grid, max_exhaustive, Q=Q,
-                                max_lp_solves=max_lp_solves)
+        search = find_sls_order(
+            X, labels, order, t_grid, max_exhaustive, Q=Q, max_lp_solves=max_lp_solves
+        )
         if not search.found:
-            return SLSConstruction("failed", search.message, cond, order=search.order,
-                                   search=search)
+            return SLSConstruction(
+                "failed", search.message, cond, order=search.order, search=search
+            )
         planes = search.planes
     else:
         planes = _given_planes(X, labels, Q, order, planes)
-    return _build(X, labels, Y, planes, cond, search, theta_frac, hidden_layers,
-                  intercept, keep_rows, progress)
+    return _build(
+        X,
+        labels,
+        Y,
+        planes,
+        cond,
+        search,
+        theta_frac,
+        hidden_layers,
+        intercept,
+        keep_rows,
+        progress,
+    )
 
 
-def _build(X, labels, Y, planes, cond, search, theta_frac, hidden_layers,
-           intercept, keep_rows, progress):
+def _build(
+    X,
+    labels,
+    Y,
+    planes,
+    cond,
+    search,
+    theta_frac,
+    hidden_layers,
+    intercept,
+    keep_rows,
+    progress,
+):
     """Cone layers along the planes, certificate, output layer, costs."""
     Q = Y.shape[0]
     L = Q if hidden_layers is None else int(hidden_layers)
     n_cone = min(L, Q)
     rows = np.arange(X.shape[0]) if keep_rows is None else np.asarray(keep_rows)
     X_cur, cumulative, apexes, margins, failures, thetas, truncated = _cone_layers(
-        X, labels, planes[:n_cone], theta_frac, rows, progress)
-    base = dict(conditions=cond, apexes=apexes, order=[pl.cls for pl in planes],
-                search=search, planes=planes[:n_cone], truncated=truncated,
-                margins=np.array(margins).reshape(-1, 2), theta=thetas[:, 1],
-                theta_min=thetas[:, 0], certified=not failures)
+        X, labels, planes[:n_cone], theta_frac, rows, progress
+    )
+    base = dict(
+        conditions=cond,
+        apexes=apexes,
+        order=[pl.cls for pl in planes],
+        search=search,
+        planes=planes[:n_cone],
+        truncated=truncated,
+        margins=np.array(margins).reshape(-1, 2),
+        theta=thetas[:, 1],
+        theta_min=thetas[:, 0],
+        certified=not failures,
+    )
     if not np.isfinite(thetas[:, 1]).all():
         return SLSConstruction("failed", "; ".join(failures), **base)
     try:
@@ -757,28 +869,39 @@ def _build(X, labels, Y, planes, cond, search, theta_frac, hidden_layers,
         return SLSConstruction("failed", "; ".join(failures + [str(exc)]), **base)
 
     cumulative.append((fit.A, fit.c))
-    Ws, bs = tr.layers_from_cumulative([w for w, _ in cumulative],
-                                       [b for _, b in cumulative])
+    Ws, bs = tr.layers_from_cumulative(
+        [w for w, _ in cumulative], [b for _, b in cumulative]
+    )
     cumulative, net = cs.pad_identity(cumulative, list(zip(Ws, bs)), L - n_cone)
     out = cs.forward_relu(net, X)
     lams = np.array([tr.squeeze_factor(th, X.shape[1]) for th in thetas[:, 1]])
     kappa = max(1.0 / lams.min(), fit.cond)
     costs = cs.all_costs(out, labels, Y)
-    tol = SLS_COST_RTOL * kappa ** 2 * max(1.0, float((Y ** 2).sum()))
+    tol = SLS_COST_RTOL * kappa**2 * max(1.0, float((Y**2).sum()))
     notes = _notes(failures, n_cone, Q, L, costs["C_N"], tol, kappa)
     if progress is not None:
         progress(n_cone + 1, n_cone + 1)
-    desc = np.array([np.concatenate([[th], pl.normal, [pl.t]])
-                     for th, pl in zip(thetas[:, 1], planes[:n_cone])])
+    desc = np.array([
+        np.concatenate([[th], pl.normal, [pl.t]])
+        for th, pl in zip(thetas[:, 1], planes[:n_cone])
+    ])
     failed = bool(failures) or (n_cone == Q and costs["C_N"] > tol)
     return SLSConstruction(
-        status="failed" if failed else "ok", message="; ".join(notes), layers=net,
-        cumulative=cumulative, costs=costs,
+        status="failed" if failed else "ok",
+        message="; ".join(notes),
+        layers=net,
+        cumulative=cumulative,
+        costs=costs,
         max_output_error=cs.max_output_error(out, labels, Y),
         composition_error=float(np.abs(out - (X_cur @ fit.A.T + fit.c)).max()),
-        output_fit=fit, lam=float(lams.min()), lams=lams,
-        description=desc.reshape(n_cone, -1), cond=float(kappa), cost_tol=tol,
-        **base)
+        output_fit=fit,
+        lam=float(lams.min()),
+        lams=lams,
+        description=desc.reshape(n_cone, -1),
+        cond=float(kappa),
+        cost_tol=tol,
+        **base,
+    )
 
 
 def _notes(failures, n_cone, Q, L, cost, tol, kappa):
@@ -787,8 +910,9 @@ def _notes(failures, n_cone, Q, L, cost, tol, kappa):
     if n_cone < Q:
         notes.append(f"only {n_cone} of {Q} classes collapsed with {L} hidden layers")
     elif cost > tol:
-        notes.append(f"cost {cost:.3g} above the rounding tolerance {tol:.3g} "
-                     f"(cond {kappa:.3g})")
+        notes.append(
+            f"cost {cost:.3g} above the rounding tolerance {tol:.3g} (cond {kappa:.3g})"
+        )
     return notes
 
 
@@ -808,7 +932,8 @@ def _cone_layers(X, labels, planes, theta_frac, rows, progress):
             failures.append(
                 f"step {step + 1} (class {pl.cls}): the hyperplane does not "
                 "strictly separate the class from the remaining points and "
-                "earlier apexes (theta_min = 180 deg)")
+                "earlier apexes (theta_min = 180 deg)"
+            )
             thetas.append((th_min, np.nan))
             break
         theta = th_min + theta_frac * (np.pi - th_min)
@@ -820,8 +945,7 @@ def _cone_layers(X, labels, planes, theta_frac, rows, progress):
             m_keep = min(m_keep, float((apexes[done] @ W.T + b).min()))
             ok = ok and m_keep >= margin
         if not ok:
-            failures.append(
-                cs.certificate_failure(step, pl.cls, m_col, m_keep, margin))
+            failures.append(cs.certificate_failure(step, pl.cls, m_col, m_keep, margin))
         margins.append((m_col, m_keep))
         X_cur = tr.truncate_z(W, b, Z)
         truncated.append(X_cur[rows])
@@ -858,7 +982,8 @@ def _given_planes(X, labels, Q, order, planes):
     if H.shape != (Q, X.shape[1] + 1):
         raise ValueError(
             f"hyperplanes must be rows (h_j, c_j) of shape (Q, dim + 1) = "
-            f"({Q}, {X.shape[1] + 1}), got {H.shape}")
+            f"({Q}, {X.shape[1] + 1}), got {H.shape}"
+        )
     stats = cs.class_stats(X, labels, Q)
     out = []
     for k, (cls, row) in enumerate(zip(order, H)):
@@ -872,26 +997,38 @@ def _given_planes(X, labels, Q, order, planes):
                 f"hyperplane {k} (class {cls}) must cross the open segment "
                 "from the class mean to the barycenter with the mean on its "
                 f"negative side: got h.mean + c = {g0:.4g}, h.barycenter + c = "
-                f"{g1:.4g}, expected < 0 < ")
+                f"{g1:.4g}, expected < 0 < "
+            )
         t = g0 / (g0 - g1)
-        out.append(SLSPlane(cls, h, float(c), float(t),
-                            t * stats.barycenter + (1.0 - t) * stats.means[cls]))
+        out.append(
+            SLSPlane(
+                cls,
+                h,
+                float(c),
+                float(t),
+                t * stats.barycenter + (1.0 - t) * stats.means[cls],
+            )
+        )
     return out
 
 
 # ------------------------------------------------------------ validation
 
+
 def _check_data(X, labels, Q):
     X = np.asarray(X, dtype=float)
     labels = np.asarray(labels)
     if X.ndim != 2 or labels.shape != (X.shape[0],):
-        raise ValueError(f"expected X (N, M) and labels (N,), got {X.shape} "
-                         f"and {labels.shape}")
+        raise ValueError(
+            f"expected X (N, M) and labels (N,), got {X.shape} and {labels.shape}"
+        )
     labels = labels.astype(int)
     Q = int(labels.max()) + 1 if Q is None else int(Q)
     if Q < 2:
-        raise ValueError(f"SLS needs at least 2 classes (the segment to the barycenter "
-                         f"is empty for one), got {Q}")
+        raise ValueError(
+            f"SLS needs at least 2 classes (the segment to the barycenter "
+            f"is empty for one), got {Q}"
+        )
     return X, labels, Q
 
 
@@ -913,8 +1050,22 @@ def _check_grid(t_grid):
 
 # ------------------------------------------------------------ generator
 
-def make_sls_data(Q, M, sizes, rng, *, order=None, distance=1.0, length=1.5, width=1.2,
-                  gap=0.15, offset=1.0, targets=None, max_draws=MAX_SLS_DRAWS):
+
+def make_sls_data(
+    Q,
+    M,
+    sizes,
+    rng,
+    *,
+    order=None,
+    distance=1.0,
+    length=1.5,
+    width=1.2,
+    gap=0.15,
+    offset=1.0,
+    targets=None,
+    max_draws=MAX_SLS_DRAWS,
+):
     """Draw SLS data that Construction A cannot handle (reference section 5).
 
     In ``R^(M-1)`` the classes sit along the ``Q`` directions ``v_k`` of a
@@ -956,13 +1107,16 @@ def make_sls_data(Q, M, sizes, rng, *, order=None, distance=1.0, length=1.5, wid
     sizes = np.asarray(sizes, dtype=int)
     sizes = np.full(Q, sizes) if sizes.ndim == 0 else sizes
     if sizes.shape != (Q,) or sizes.min() < 1:
-        raise DataError(f"sizes must be one positive count or Q = {Q} of them, "
-                        f"got {sizes.tolist()}")
+        raise DataError(
+            f"sizes must be one positive count or Q = {Q} of them, got {sizes.tolist()}"
+        )
     order = list(rng.permutation(Q)) if order is None else _check_order(order, Q)
     for _ in range(max_draws):
         V = _rotated_simplex(Q, M - 1, rng)
-        pts = [_draw_class(k, V, sizes[order[k]], distance, length, width, gap, rng)
-               for k in range(Q)]
+        pts = [
+            _draw_class(k, V, sizes[order[k]], distance, length, width, gap, rng)
+            for k in range(Q)
+        ]
         X = np.vstack(pts)
         labels = np.repeat([order[k] for k in range(Q)], [len(p) for p in pts])
         if _design_ok(X, labels, V, order, distance - gap, gap, offset):
@@ -970,7 +1124,8 @@ def make_sls_data(Q, M, sizes, rng, *, order=None, distance=1.0, length=1.5, wid
     raise DataError(
         f"no SLS data set after {max_draws} draws met the conditions (barycenter and "
         "apexes on the positive sides, c0 >= 1/4 or max theta* >= pi); raise length or "
-        "width relative to distance, or lower gap")
+        "width relative to distance, or lower gap"
+    )
 
 
 def _rotated_simplex(Q, D, rng):
@@ -1000,7 +1155,8 @@ def _draw_class(k, V, n, distance, length, width, gap, rng):
             return np.vstack(kept)[:n]
     raise DataError(
         f"class at step {k} keeps too few points on the positive side of the earlier "
-        "hyperplanes; lower width or raise distance")
+        "hyperplanes; lower width or raise distance"
+    )
 
 
 def _design_ok(X, labels, V, order, level, gap, offset):
@@ -1014,7 +1170,7 @@ def _design_ok(X, labels, V, order, level, gap, offset):
         g0 = level - V[i] @ stats.means[order[i]]
         t = g0 / (g0 - g_bary[i])
         p = t * stats.barycenter + (1.0 - t) * stats.means[order[i]]
-        if i + 1 < Q and (level - V[i + 1:] @ p).min() < gap / 2:
+        if i + 1 < Q and (level - V[i + 1 :] @ p).min() < gap / 2:
             return False
     Xc = np.hstack([X, np.full((len(X), 1), offset)])
     cond = cs.clustered_conditions(Xc, labels, Q=Q)
@@ -1026,5 +1182,10 @@ def _dataset(X, labels, V, order, level, offset, targets):
     Xc = np.hstack([X, np.full((len(X), 1), offset)])
     planes = np.hstack([-V, np.zeros((Q, 1)), np.full((Q, 1), level)])
     Y = one_hot(Q) if targets is None else np.asarray(targets, dtype=float)
-    return Dataset(Xc, labels, Y, source="sls (generated)",
-                   extra={"order": [int(j) for j in order], "planes": planes})
+    return Dataset(
+        Xc,
+        labels,
+        Y,
+        source="sls (generated)",
+        extra={"order": [int(j) for j in order], "planes": planes},
+    )

@@ -31,6 +31,7 @@ LATER_KINDS = ()
 
 # ------------------------------------------------------------------ errors
 
+
 @dataclass
 class SpecError(Exception):
     """One problem in a spec, located to a file, line and key path."""
@@ -57,6 +58,7 @@ class SpecErrors(Exception):
 
 # ------------------------------------------------------------------ models
 
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -70,7 +72,9 @@ class ClustersData(_Strict):
     source: Literal["clusters"]
     classes: int = Field(ge=1)
     dim: int = Field(ge=1)
-    points: int | list[int] = Field(description="points per class, one number or one per class")
+    points: int | list[int] = Field(
+        description="points per class, one number or one per class"
+    )
     radius: float = Field(ge=0)
     distribution: Literal["ball", "gaussian"] = "ball"
     layout: Literal["simplex", "random", "given"] = "simplex"
@@ -83,16 +87,33 @@ class ClustersData(_Strict):
     def _shapes(self):
         Q = self.classes
         if isinstance(self.points, list):
-            _expect(len(self.points) == Q, "points", self.points, f"{Q} class sizes (one per class)")
-            _expect(all(p >= 1 for p in self.points), "points", self.points, "sizes >= 1")
+            _expect(
+                len(self.points) == Q,
+                "points",
+                self.points,
+                f"{Q} class sizes (one per class)",
+            )
+            _expect(
+                all(p >= 1 for p in self.points), "points", self.points, "sizes >= 1"
+            )
         else:
             _expect(self.points >= 1, "points", self.points, "an integer >= 1")
         if self.layout == "given":
-            ok = self.means is not None and len(self.means) == Q and all(
-                len(m) == self.dim for m in self.means)
-            _expect(ok, "means", self.means, f"{Q} rows of {self.dim} numbers with layout: given")
+            ok = (
+                self.means is not None
+                and len(self.means) == Q
+                and all(len(m) == self.dim for m in self.means)
+            )
+            _expect(
+                ok,
+                "means",
+                self.means,
+                f"{Q} rows of {self.dim} numbers with layout: given",
+            )
         else:
-            _expect(self.means is None, "means", self.means, "means only with layout: given")
+            _expect(
+                self.means is None, "means", self.means, "means only with layout: given"
+            )
         _check_targets(self.targets, Q)
         return self
 
@@ -106,8 +127,12 @@ class FileData(_Strict):
 
     @model_validator(mode="after")
     def _suffix(self):
-        _expect(Path(self.path).suffix in (".npz", ".csv"), "path", self.path,
-                "a .npz or .csv file")
+        _expect(
+            Path(self.path).suffix in (".npz", ".csv"),
+            "path",
+            self.path,
+            "a .npz or .csv file",
+        )
         return self
 
 
@@ -122,8 +147,9 @@ class SklearnData(_Strict):
     targets: Literal["onehot"] | Matrix = "onehot"
 
 
-DataSpec = Annotated[Union[ClustersData, FileData, SklearnData, "SlsData"],
-                     Field(discriminator="source")]
+DataSpec = Annotated[
+    Union[ClustersData, FileData, SklearnData, "SlsData"], Field(discriminator="source")
+]
 
 
 class SeedInit(_Strict):
@@ -158,8 +184,9 @@ class PartialInit(_Strict):
     weight: float = Field(0.5, ge=0, le=1)
 
 
-InitSpec = Annotated[Union[SeedInit, FileInit, ResultInit, PartialInit],
-                     Field(discriminator="source")]
+InitSpec = Annotated[
+    Union[SeedInit, FileInit, ResultInit, PartialInit], Field(discriminator="source")
+]
 
 
 class NetworkSpec(_Strict):
@@ -175,8 +202,11 @@ class NetworkSpec(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _seed_is_the_default_source(cls, raw):
-        if isinstance(raw, dict) and isinstance(raw.get("init"), dict) \
-                and "source" not in raw["init"]:
+        if (
+            isinstance(raw, dict)
+            and isinstance(raw.get("init"), dict)
+            and "source" not in raw["init"]
+        ):
             raw = dict(raw, init=dict(raw["init"], source="seed"))
         return raw
 
@@ -233,8 +263,12 @@ class SlsData(_Strict):
         if isinstance(self.points, list):
             _expect(len(self.points) == Q, "points", self.points, f"{Q} class sizes")
         if self.order is not None:
-            _expect(sorted(self.order) == list(range(Q)), "order", self.order,
-                    f"a permutation of 0..{Q - 1}")
+            _expect(
+                sorted(self.order) == list(range(Q)),
+                "order",
+                self.order,
+                f"a permutation of 0..{Q - 1}",
+            )
         _check_targets(self.targets, Q)
         return self
 
@@ -263,7 +297,9 @@ class ConstructSpec(_Strict):
 
 # The field `construct` shadows BaseModel.construct, a deprecated alias of
 # model_construct that this project never calls; the spec key must keep its name.
-warnings.filterwarnings("ignore", message='Field name "construct"', category=UserWarning)
+warnings.filterwarnings(
+    "ignore", message='Field name "construct"', category=UserWarning
+)
 
 
 class EffectiveSpec(_Strict):
@@ -297,8 +333,9 @@ class CollapseSpec(_Strict):
     @model_validator(mode="after")
     def _path_when_needed(self):
         if self.of in ("result", "features"):
-            _expect(self.path is not None, "path", None,
-                    f"a file path with of: {self.of}")
+            _expect(
+                self.path is not None, "path", None, f"a file path with of: {self.of}"
+            )
         return self
 
 
@@ -314,7 +351,9 @@ class ScenarioSpec(_Strict):
     width: int | None = Field(None, ge=1)
 
     def knobs(self):
-        return {k: v for k, v in self.model_dump().items() if k != "name" and v is not None}
+        return {
+            k: v for k, v in self.model_dump().items() if k != "name" and v is not None
+        }
 
 
 class TrapSpec(_Strict):
@@ -330,7 +369,7 @@ class TrapSpec(_Strict):
 
 
 class TruncateSpec(_Strict):
-    """Options of ``kind: truncate``: which network to see through its truncation maps."""
+    """Options of ``kind: truncate``: the network seen through its truncation maps."""
 
     of: Literal["flow", "construct", "result"] = "flow"
     path: str | None = None
@@ -339,7 +378,9 @@ class TruncateSpec(_Strict):
     @model_validator(mode="after")
     def _path_when_needed(self):
         if self.of == "result":
-            _expect(self.path is not None, "path", None, "a result file with of: result")
+            _expect(
+                self.path is not None, "path", None, "a result file with of: result"
+            )
         return self
 
 
@@ -363,24 +404,41 @@ class Experiment(_Strict):
     @model_validator(mode="after")
     def _kind_and_shapes(self):
         if self.kind not in KINDS:
-            later = f" ({', '.join(LATER_KINDS)} are not built yet)" if self.kind in LATER_KINDS else ""
+            later = (
+                f" ({', '.join(LATER_KINDS)} are not built yet)"
+                if self.kind in LATER_KINDS
+                else ""
+            )
             raise _FieldProblem("kind", self.kind, " | ".join(KINDS) + later)
-        needs_data = self.kind in ("construct", "flow") or (
-            self.kind == "truncate" and self.truncate.of != "result") or (
-            self.kind == "trap" and self.trap.path is None) or (
-            self.kind == "collapse" and self.collapse.of in ("construct", "flow"))
+        needs_data = (
+            self.kind in ("construct", "flow")
+            or (self.kind == "truncate" and self.truncate.of != "result")
+            or (self.kind == "trap" and self.trap.path is None)
+            or (self.kind == "collapse" and self.collapse.of in ("construct", "flow"))
+        )
         if needs_data:
-            _expect(self.data is not None, "data", None,
-                    f"a data block (kind: {self.kind} needs data)")
+            _expect(
+                self.data is not None,
+                "data",
+                None,
+                f"a data block (kind: {self.kind} needs data)",
+            )
         if self.kind == "collapse" and self.collapse.of == "flow":
             _check_flow(self)
         if self.kind == "construct":
-            _expect(self.network.activation == "relu", "network.activation",
-                    self.network.activation, "relu (the constructions are ReLU networks)")
+            _expect(
+                self.network.activation == "relu",
+                "network.activation",
+                self.network.activation,
+                "relu (the constructions are ReLU networks)",
+            )
             if isinstance(self.data, (ClustersData, SlsData)):
                 _check_construct_shapes(self)
-        if self.kind == "flow" or (self.kind == "trap" and self.trap.path is None) or (
-                self.kind == "truncate" and self.truncate.of == "flow"):
+        if (
+            self.kind == "flow"
+            or (self.kind == "trap" and self.trap.path is None)
+            or (self.kind == "truncate" and self.truncate.of == "flow")
+        ):
             _check_flow(self)
         return self
 
@@ -393,16 +451,29 @@ def _check_construct_shapes(exp):
         _expect(False, "network.hidden", hidden, problem)
     order = opt.order
     if order is not None:
-        _expect(sorted(order) == list(range(Q)), "construct.order", order,
-                f"a permutation of 0..{Q - 1}")
+        _expect(
+            sorted(order) == list(range(Q)),
+            "construct.order",
+            order,
+            f"a permutation of 0..{Q - 1}",
+        )
     if opt.planes is not None:
-        _expect(order is not None and len(opt.planes) == Q
-                and all(len(r) == d + 1 for r in opt.planes), "construct.planes",
-                opt.planes, f"{Q} rows (h_j, c_j) of {d + 1} numbers, with construct.order")
+        _expect(
+            order is not None
+            and len(opt.planes) == Q
+            and all(len(r) == d + 1 for r in opt.planes),
+            "construct.planes",
+            opt.planes,
+            f"{Q} rows (h_j, c_j) of {d + 1} numbers, with construct.order",
+        )
     if opt.reduced_width:
-        _expect(opt.method == "clustered", "construct.reduced_width", True,
-                "true only with method: clustered (reduced widths are not covered for "
-                f"method {opt.method})")
+        _expect(
+            opt.method == "clustered",
+            "construct.reduced_width",
+            True,
+            "true only with method: clustered (reduced widths are not covered for "
+            f"method {opt.method})",
+        )
 
 
 def hidden_problem(method, reduced, hidden, dim, Q):
@@ -418,18 +489,27 @@ def hidden_problem(method, reduced, hidden, dim, Q):
     if all(w == width for w in hidden):
         return ""
     what = "the number of classes" if reduced else "data.dim"
-    return f"widths equal to {what} = {width} ({'reduced' if reduced else 'square'} layers)"
+    shape = "reduced" if reduced else "square"
+    return f"widths equal to {what} = {width} ({shape} layers)"
 
 
 def _check_flow(exp):
     init = exp.network.init
     if isinstance(init, SeedInit):
-        _expect(exp.network.hidden is not None, "network.hidden", None,
-                "a list of hidden widths (or network.init from a file or result)")
+        _expect(
+            exp.network.hidden is not None,
+            "network.hidden",
+            None,
+            "a list of hidden widths (or network.init from a file or result)",
+        )
     flow = exp.flow
     if flow.solver == "euler":
-        _expect(flow.step is not None, "flow.step", None,
-                "a step size with solver: euler (gradient descent with this learning rate)")
+        _expect(
+            flow.step is not None,
+            "flow.step",
+            None,
+            "a step size with solver: euler (gradient descent with this learning rate)",
+        )
 
 
 class _FieldProblem(ValueError):
@@ -453,6 +533,7 @@ def _check_targets(targets, Q):
 
 # --------------------------------------------------------------- YAML, lines
 
+
 class _Loader(yaml.SafeLoader):
     """YAML loader that reads ``1e-3`` as a float (YAML 1.2), not a string."""
 
@@ -474,8 +555,15 @@ def _parse_yaml(text, file):
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
-        raise SpecErrors([SpecError(file, line, "", f"invalid YAML ({exc.problem})",
-                                    "a YAML mapping with 'defaults' and 'experiments'")]) from None
+        raise SpecErrors([
+            SpecError(
+                file,
+                line,
+                "",
+                f"invalid YAML ({exc.problem})",
+                "a YAML mapping with 'defaults' and 'experiments'",
+            )
+        ]) from None
     finally:
         loader.dispose()
     return value, lines
@@ -489,14 +577,22 @@ def _walk(node, path, lines, loader, file):
         for k_node, v_node in node.value:
             key = loader.construct_object(k_node, deep=True)
             if key in out:
-                raise SpecErrors([SpecError(file, k_node.start_mark.line + 1,
-                                            _dotted(path + (key,)), f"duplicate key {key!r}",
-                                            "each key once per mapping")])
+                raise SpecErrors([
+                    SpecError(
+                        file,
+                        k_node.start_mark.line + 1,
+                        _dotted(path + (key,)),
+                        f"duplicate key {key!r}",
+                        "each key once per mapping",
+                    )
+                ])
             out[key] = _walk(v_node, path + (key,), lines, loader, file)
             lines[path + (key,)] = k_node.start_mark.line + 1
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_walk(v, path + (i,), lines, loader, file) for i, v in enumerate(node.value)]
+        return [
+            _walk(v, path + (i,), lines, loader, file) for i, v in enumerate(node.value)
+        ]
     return loader.construct_object(node, deep=True)
 
 
@@ -508,6 +604,7 @@ def _dotted(path):
 
 
 # ------------------------------------------------------------------- runs
+
 
 @dataclass
 class Run:
@@ -568,8 +665,11 @@ class Run:
         elif purpose == "data":
             key = content_key("data", _dump(self.config.data))
         elif purpose == "init":
-            key = content_key("init", _dump(self.config.data),
-                              self.config.network.model_dump(mode="json"))
+            key = content_key(
+                "init",
+                _dump(self.config.data),
+                self.config.network.model_dump(mode="json"),
+            )
         else:
             raise ValueError(f"purpose must be run, data or init, got {purpose!r}")
         return np.random.default_rng([key, self.seed])
@@ -593,7 +693,9 @@ def load_spec(path):
     path = Path(path)
     file = str(path)
     if not path.exists():
-        raise SpecErrors([SpecError(file, None, "", "no such file", "a path to a YAML spec")])
+        raise SpecErrors([
+            SpecError(file, None, "", "no such file", "a path to a YAML spec")
+        ])
     text = path.read_text()
     raw, lines = _parse_yaml(text, file)
     spec = Spec(file, text, lines=lines)
@@ -604,15 +706,28 @@ def load_spec(path):
     seen = {}
     for i, exp in enumerate(raw["experiments"]):
         if not isinstance(exp, dict):
-            errors.append(SpecError(file, lines.get(("experiments", i)), f"experiments[{i}]",
-                                    _short(exp), "a mapping with name, kind, data, ..."))
+            errors.append(
+                SpecError(
+                    file,
+                    lines.get(("experiments", i)),
+                    f"experiments[{i}]",
+                    _short(exp),
+                    "a mapping with name, kind, data, ...",
+                )
+            )
             continue
         merged = _deep_merge(defaults, exp)
         name = exp.get("name")
         if name in seen:
-            errors.append(SpecError(file, lines.get(("experiments", i, "name")),
-                                    f"experiments[{i}].name", repr(name),
-                                    f"a name not used before (line {seen[name]})"))
+            errors.append(
+                SpecError(
+                    file,
+                    lines.get(("experiments", i, "name")),
+                    f"experiments[{i}].name",
+                    repr(name),
+                    f"a name not used before (line {seen[name]})",
+                )
+            )
         seen[name] = lines.get(("experiments", i, "name"))
         spec.experiments.append((i, merged))
     for i, merged in spec.experiments:
@@ -624,16 +739,37 @@ def load_spec(path):
 
 def _check_top(raw, file, lines):
     if not isinstance(raw, dict):
-        return [SpecError(file, 1, "", _short(raw), "a mapping with keys defaults, experiments")]
-    errors = [SpecError(file, lines.get((k,)), k, f"unknown key {k!r}", ", ".join(TOP_KEYS))
-              for k in raw if k not in TOP_KEYS]
+        return [
+            SpecError(
+                file, 1, "", _short(raw), "a mapping with keys defaults, experiments"
+            )
+        ]
+    errors = [
+        SpecError(file, lines.get((k,)), k, f"unknown key {k!r}", ", ".join(TOP_KEYS))
+        for k in raw
+        if k not in TOP_KEYS
+    ]
     exps = raw.get("experiments")
     if not isinstance(exps, list) or not exps:
-        errors.append(SpecError(file, lines.get(("experiments",), 1), "experiments",
-                                _short(exps), "a non-empty list of experiments"))
+        errors.append(
+            SpecError(
+                file,
+                lines.get(("experiments",), 1),
+                "experiments",
+                _short(exps),
+                "a non-empty list of experiments",
+            )
+        )
     if "defaults" in raw and not isinstance(raw["defaults"], (dict, type(None))):
-        errors.append(SpecError(file, lines.get(("defaults",)), "defaults",
-                                _short(raw["defaults"]), "a mapping of experiment keys"))
+        errors.append(
+            SpecError(
+                file,
+                lines.get(("defaults",)),
+                "defaults",
+                _short(raw["defaults"]),
+                "a mapping of experiment keys",
+            )
+        )
     return errors
 
 
@@ -652,25 +788,44 @@ def _sweep_points(sweep):
     if not sweep:
         return [{}]
     keys = list(sweep)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(sweep[k] for k in keys))]
+    return [
+        dict(zip(keys, combo)) for combo in itertools.product(*(sweep[k] for k in keys))
+    ]
 
 
 def _check_sweep(spec, i, merged):
     sweep = merged.get("sweep") or {}
     base = ("experiments", i, "sweep")
     if not isinstance(sweep, dict):
-        return [SpecError(spec.file, spec.lines.get(base), f"experiments[{i}].sweep",
-                          _short(sweep), "a mapping from dotted keys to lists of values")]
+        return [
+            SpecError(
+                spec.file,
+                spec.lines.get(base),
+                f"experiments[{i}].sweep",
+                _short(sweep),
+                "a mapping from dotted keys to lists of values",
+            )
+        ]
     errors = []
     for key, values in sweep.items():
         line = spec.lines.get(base + (key,))
         where = f"experiments[{i}].sweep.{key}"
         if not isinstance(key, str) or key.split(".")[0] in ("name", "kind", "sweep"):
-            errors.append(SpecError(spec.file, line, where, repr(key),
-                                    "a dotted key other than name, kind and sweep"))
+            errors.append(
+                SpecError(
+                    spec.file,
+                    line,
+                    where,
+                    repr(key),
+                    "a dotted key other than name, kind and sweep",
+                )
+            )
         elif not isinstance(values, list) or not values:
-            errors.append(SpecError(spec.file, line, where, _short(values),
-                                    "a non-empty list of values"))
+            errors.append(
+                SpecError(
+                    spec.file, line, where, _short(values), "a non-empty list of values"
+                )
+            )
     return errors
 
 
@@ -715,8 +870,10 @@ def _locate(spec, i, raw, point, err):
     if swept is not None:
         vals = raw.get("sweep", {}).get(swept, [])
         idx = next((n for n, v in enumerate(vals) if v == point[swept]), 0)
-        line = spec.lines.get(("experiments", i, "sweep", swept, idx),
-                              spec.lines.get(("experiments", i, "sweep", swept)))
+        line = spec.lines.get(
+            ("experiments", i, "sweep", swept, idx),
+            spec.lines.get(("experiments", i, "sweep", swept)),
+        )
         where = f"experiments[{i}].sweep.{swept}[{idx}]"
     else:
         line = _line_for(spec, i, path)
@@ -736,7 +893,11 @@ def _raw_path(raw, loc):
             node = node[part]
         elif isinstance(node, dict) and part == node.get("source"):
             continue
-        elif isinstance(part, str) and part not in ("function-after",) and "[" not in part:
+        elif (
+            isinstance(part, str)
+            and part not in ("function-after",)
+            and "[" not in part
+        ):
             out.append(part)
             node = None
     return tuple(out)
@@ -779,17 +940,23 @@ def _allowed(err, raw):
     if typ == "union_tag_invalid":
         return ctx.get("expected_tags", "").replace("'", "")
     if typ == "union_tag_not_found":
-        tags = {"data": "clusters | file | sklearn | sls",
-                "init": "seed | file | result | partial"}
+        tags = {
+            "data": "clusters | file | sklearn | sls",
+            "init": "seed | file | result | partial",
+        }
         return "a 'source' key: " + tags.get(str(err["loc"][-1]), "see the README")
-    bounds = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}",
-              "less_than": "< {lt}", "less_than_equal": "<= {le}"}
+    bounds = {
+        "greater_than": "> {gt}",
+        "greater_than_equal": ">= {ge}",
+        "less_than": "< {lt}",
+        "less_than_equal": "<= {le}",
+    }
     if typ in bounds:
         return "a number " + bounds[typ].format(**{k: f"{v:g}" for k, v in ctx.items()})
     msg = err["msg"]
     for prefix in ("Input should be ", "Value error, "):
         if msg.startswith(prefix):
-            msg = msg[len(prefix):]
+            msg = msg[len(prefix) :]
     return msg
 
 
@@ -844,6 +1011,7 @@ def _dedupe(errors):
 
 # ------------------------------------------------------------------ planning
 
+
 def plan(spec, out_dir="results", names=None, kinds=None):
     """Expand a spec into its runs, in file order.
 
@@ -865,8 +1033,15 @@ def plan(spec, out_dir="results", names=None, kinds=None):
     if names:
         unknown = [n for n in names if n not in all_names]
         if unknown:
-            raise SpecErrors([SpecError(spec.file, None, "-e", ", ".join(map(repr, unknown)),
-                                        "experiment names: " + ", ".join(all_names))])
+            raise SpecErrors([
+                SpecError(
+                    spec.file,
+                    None,
+                    "-e",
+                    ", ".join(map(repr, unknown)),
+                    "experiment names: " + ", ".join(all_names),
+                )
+            ])
     runs = []
     for _, merged in spec.experiments:
         if names and merged["name"] not in names:
@@ -887,14 +1062,22 @@ def _expand(spec, merged, out_dir):
         if run_id in ids:
             run_id = run_id + "-" + _digest(point)[:8]
         ids.add(run_id)
-        runs.append(Run(
-            experiment=config.name, kind=config.kind, run_id=run_id, point=point,
-            config=config, seed=config.seed, run_key=run_key(config.name, point),
-            path=out_dir / config.name / f"{run_id}.h5",
-            spec_hash=spec_hash(resolved, Path(spec.file).parent),
-            resolved=resolved,
-            source_text=spec.text, spec_file=spec.file,
-        ))
+        runs.append(
+            Run(
+                experiment=config.name,
+                kind=config.kind,
+                run_id=run_id,
+                point=point,
+                config=config,
+                seed=config.seed,
+                run_key=run_key(config.name, point),
+                path=out_dir / config.name / f"{run_id}.h5",
+                spec_hash=spec_hash(resolved, Path(spec.file).parent),
+                resolved=resolved,
+                source_text=spec.text,
+                spec_file=spec.file,
+            )
+        )
     return runs
 
 
@@ -946,8 +1129,10 @@ def run_id_for(point):
 
 def spec_hash(resolved, base_dir):
     """Hash of a run's resolved config (and of its data file's bytes)."""
-    payload = {"schema": SCHEMA_VERSION,
-               "config": {k: v for k, v in resolved.items() if k != "description"}}
+    payload = {
+        "schema": SCHEMA_VERSION,
+        "config": {k: v for k, v in resolved.items() if k != "description"},
+    }
     data = resolved.get("data") or {}
     if data.get("source") == "file":
         p = Path(data["path"])

@@ -34,17 +34,20 @@ def partial_path(path):
 @functools.lru_cache(maxsize=1)
 def provenance():
     """Package versions and the git commit of the dlmin source, when known."""
-    import scipy
-
     from importlib.metadata import PackageNotFoundError, version
+
+    import scipy
 
     try:
         dlmin_version = version("dlmin")
     except PackageNotFoundError:
         dlmin_version = "unknown"
     versions = {
-        "dlmin": dlmin_version, "python": platform.python_version(),
-        "numpy": np.__version__, "scipy": scipy.__version__, "h5py": h5py.__version__,
+        "dlmin": dlmin_version,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "h5py": h5py.__version__,
     }
     return {"versions": json.dumps(versions), "git_commit": _git_commit()}
 
@@ -52,12 +55,22 @@ def provenance():
 def _git_commit():
     here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         if out.returncode != 0:
             return ""
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return ""
@@ -93,9 +106,14 @@ class ResultWriter:
         self.partial = partial_path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = h5py.File(self.partial, "w")
-        self.set_attrs(schema_version=SCHEMA_VERSION, status="running", complete=False,
-                       created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                       **provenance(), **attrs)
+        self.set_attrs(
+            schema_version=SCHEMA_VERSION,
+            status="running",
+            complete=False,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **provenance(),
+            **attrs,
+        )
 
     def set_attrs(self, group="/", **attrs):
         node = self.file.require_group(group)
@@ -111,8 +129,9 @@ class ResultWriter:
         if isinstance(value, str):
             ds = node.create_dataset(name, data=value, dtype=h5py.string_dtype())
         elif isinstance(value, np.ndarray) and value.dtype.kind == "U":
-            ds = node.create_dataset(name, data=value.astype(object),
-                                     dtype=h5py.string_dtype())
+            ds = node.create_dataset(
+                name, data=value.astype(object), dtype=h5py.string_dtype()
+            )
         else:
             ds = node.create_dataset(name, data=np.asarray(value))
         for key, v in attrs.items():
@@ -131,9 +150,13 @@ class ResultWriter:
         node = self.file.require_group(group)
         if name not in node:
             chunk = (max(1, min(64, 2**20 // max(1, value.nbytes))),) + value.shape
-            node.create_dataset(name, shape=(0,) + value.shape, maxshape=(None,) + value.shape,
-                                dtype=value.dtype if value.dtype.kind != "b" else bool,
-                                chunks=chunk)
+            node.create_dataset(
+                name,
+                shape=(0,) + value.shape,
+                maxshape=(None,) + value.shape,
+                dtype=value.dtype if value.dtype.kind != "b" else bool,
+                chunks=chunk,
+            )
         ds = node[name]
         ds.resize(ds.shape[0] + 1, axis=0)
         ds[-1] = value
@@ -200,9 +223,11 @@ def is_done(path, spec_hash):
     try:
         with h5py.File(path, "r") as f:
             attrs = f.attrs
-            return bool(attrs.get("complete", False)) and \
-                _decode(attrs.get("status")) == "ok" and \
-                _decode(attrs.get("spec_hash")) == spec_hash
+            return (
+                bool(attrs.get("complete", False))
+                and _decode(attrs.get("status")) == "ok"
+                and _decode(attrs.get("spec_hash")) == spec_hash
+            )
     except OSError:
         return False
 

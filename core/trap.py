@@ -77,8 +77,7 @@ __all__ = [
     "underparametrized",
 ]
 
-SCENARIOS = ("small_init", "dead_units", "near_duplicates",
-             "underparametrized")
+SCENARIOS = ("small_init", "dead_units", "near_duplicates", "underparametrized")
 
 # flows.md section 9 asks for rtol <= TRAP_RTOL_MAX: the bound is checked to
 # about BOUND_RTOL, far above an integration error of this size.
@@ -190,8 +189,7 @@ class CriticalPoint:
             "critical_dimension": self.critical_dimension,
             "grad_norm_final": self.grad_norm,
             "ratio_final": _json_float(self.ratio),
-            "residual_outside_range": _json_float(
-                self.residual_outside_range),
+            "residual_outside_range": _json_float(self.residual_outside_range),
             "rank_cutoff": self.rank_cutoff,
             "ntk_min_final": float(self.eigenvalues[0]),
             "ntk_max_final": float(self.eigenvalues[-1]),
@@ -200,10 +198,27 @@ class CriticalPoint:
 
 # Columns of the interval table, in order; the stored arrays carry the
 # prefix "interval_".
-TABLE_KEYS = ("eps", "s0", "s1", "length", "arc_length", "arc_error",
-              "polyline", "chord", "z0", "r_max", "bound", "bound_sharp",
-              "bound_chord", "slack", "z_rise", "from_start", "to_end",
-              "at_floor", "violated")
+TABLE_KEYS = (
+    "eps",
+    "s0",
+    "s1",
+    "length",
+    "arc_length",
+    "arc_error",
+    "polyline",
+    "chord",
+    "z0",
+    "r_max",
+    "bound",
+    "bound_sharp",
+    "bound_chord",
+    "slack",
+    "z_rise",
+    "from_start",
+    "to_end",
+    "at_floor",
+    "violated",
+)
 _FLAG_KEYS = ("from_start", "to_end", "at_floor", "violated")
 _PROFILE_KEYS = ("s", "r", "speed", "z_norm", "cost")
 
@@ -301,23 +316,27 @@ class TrapResult:
         trapped_time_adapted, adapted_damping`` (None without a
         comparison). NaN is None.
         """
-        slacks = [row["slack"] for row in self.table
-                  if math.isfinite(row["slack"])]
+        slacks = [row["slack"] for row in self.table if math.isfinite(row["slack"])]
         out = {
-            "status": self.status, "message": self.message,
-            "source": self.source, "eps": list(self.eps),
-            "N": self.N, "K": self.K, "QN": self.QN,
-            "s_final": self.s_final, "cost_initial": self.cost_initial,
+            "status": self.status,
+            "message": self.message,
+            "source": self.source,
+            "eps": list(self.eps),
+            "N": self.N,
+            "K": self.K,
+            "QN": self.QN,
+            "s_final": self.s_final,
+            "cost_initial": self.cost_initial,
             "cost_final": self.cost_final,
             "residual_floor": self.residual_floor,
             "grid_points": int(self.profile["s"].size),
             "intervals": len(self.table),
-            "intervals_per_eps": [sum(row["eps"] == e for row in self.table)
-                                  for e in self.eps],
+            "intervals_per_eps": [
+                sum(row["eps"] == e for row in self.table) for e in self.eps
+            ],
             "interval_table": [_json_row(row) for row in self.table],
             "trapped_time": list(self.trapped_time),
-            "trapped_share": [_share(t, self.s_final)
-                              for t in self.trapped_time],
+            "trapped_share": [_share(t, self.s_final) for t in self.trapped_time],
             "bound_violations": self.bound_violations,
             "min_slack": min(slacks) if slacks else None,
             "interpolation_defect": self.interpolation_defect,
@@ -339,7 +358,8 @@ class TrapResult:
         for key in TABLE_KEYS:
             dtype = bool if key in _FLAG_KEYS else np.float64
             out[f"interval_{key}"] = np.array(
-                [row[key] for row in self.table], dtype=dtype)
+                [row[key] for row in self.table], dtype=dtype
+            )
         out["ntk_eigenvalues"] = self.critical.eigenvalues
         if self.adapted_profile is not None:
             for key in _PROFILE_KEYS:
@@ -355,8 +375,10 @@ def _json_float(value):
 
 
 def _json_row(row):
-    return {key: (bool(value) if key in _FLAG_KEYS else _json_float(value))
-            for key, value in row.items()}
+    return {
+        key: (bool(value) if key in _FLAG_KEYS else _json_float(value))
+        for key, value in row.items()
+    }
 
 
 def _share(part, whole):
@@ -364,10 +386,16 @@ def _share(part, whole):
 
 
 def _comparison_dict(comparison):
-    keys = ("threshold", "time_to_threshold_standard",
-            "time_to_threshold_adapted", "speedup", "trapped_share_standard",
-            "trapped_share_adapted", "trapped_time_adapted",
-            "adapted_damping")
+    keys = (
+        "threshold",
+        "time_to_threshold_standard",
+        "time_to_threshold_adapted",
+        "speedup",
+        "trapped_share_standard",
+        "trapped_share_adapted",
+        "trapped_time_adapted",
+        "adapted_damping",
+    )
     if comparison is None:
         return dict.fromkeys(keys)
     return {key: comparison[key] for key in keys}
@@ -527,9 +555,13 @@ class _Profile:
     step: np.ndarray
 
     def arrays(self, N):
-        return {"s": self.s, "r": self.r, "speed": self.speed,
-                "z_norm": self.z_norm,
-                "cost": self.z_norm**2 / (2 * N)}
+        return {
+            "s": self.s,
+            "r": self.r,
+            "speed": self.speed,
+            "z_norm": self.z_norm,
+            "cost": self.z_norm**2 / (2 * N),
+        }
 
 
 def _sample(data, orbit, times, progress=None, stage="profile"):
@@ -580,7 +612,8 @@ def trapped_intervals(s, r, eps, r_func=None):
     if s.ndim != 1 or s.shape != r.shape or s.size == 0:
         raise ValueError(
             f"s, r: expected two 1-d arrays of one length, got shapes "
-            f"{s.shape} and {r.shape}")
+            f"{s.shape} and {r.shape}"
+        )
     if np.any(np.diff(s) <= 0):
         raise ValueError("s: sample times must be strictly increasing")
     if not eps > 0:
@@ -598,8 +631,7 @@ def _spans(s, r, eps, r_func):
         starts.insert(0, 0)
     if inside[-1]:
         ends.append(s.size - 1)
-    return [_span(s, r, valid, eps, r_func, i, j)
-            for i, j in zip(starts, ends)]
+    return [_span(s, r, valid, eps, r_func, i, j) for i, j in zip(starts, ends)]
 
 
 def _span(s, r, valid, eps, r_func, i, j):
@@ -628,8 +660,9 @@ def _crossing(s, r, eps, r_func, k):
         w = (r[k] - eps) / (r[k] - r[k + 1])
         return a + w * (b - a)
     xtol = BRENT_XTOL_REL * max(abs(a), abs(b))
-    return scipy.optimize.brentq(lambda t: r_func(t) - eps, a, b,
-                                 xtol=max(xtol, 1e-300))
+    return scipy.optimize.brentq(
+        lambda t: r_func(t) - eps, a, b, xtol=max(xtol, 1e-300)
+    )
 
 
 # --------------------------------------------------------------------------
@@ -648,15 +681,15 @@ def _interval_samples(data, orbit, prof, span):
         times = np.linspace(span.s0, span.s1, MIN_QUAD_POINTS)
         return _sample(data, orbit, times)
     first, last = inner[0], inner[-1]
-    ends = _sample(data, orbit, np.array(
-        [span.s0, prof.s[first], prof.s[last], span.s1]))
+    ends = _sample(
+        data, orbit, np.array([span.s0, prof.s[first], prof.s[last], span.s1])
+    )
 
     def join(name):
         a, b = getattr(ends, name), getattr(prof, name)
         return np.concatenate([a[:1], b[inner], a[3:]])
 
-    joined = _Profile(*(join(n) for n in ("s", "r", "speed", "z_norm",
-                                          "step")))
+    joined = _Profile(*(join(n) for n in ("s", "r", "speed", "z_norm", "step")))
     joined.step[1] = ends.step[1]
     return joined
 
@@ -665,9 +698,16 @@ def _measure(data, orbit, prof, span, eps, check):
     """One row of the interval table (keys TABLE_KEYS)."""
     length = span.s1 - span.s0
     row = dict.fromkeys(TABLE_KEYS, math.nan)
-    row.update(eps=eps, s0=span.s0, s1=span.s1, length=length,
-               from_start=span.from_start, to_end=span.to_end,
-               at_floor=span.at_floor, violated=False)
+    row.update(
+        eps=eps,
+        s0=span.s0,
+        s1=span.s1,
+        length=length,
+        from_start=span.from_start,
+        to_end=span.to_end,
+        at_floor=span.at_floor,
+        violated=False,
+    )
     if length <= 0:
         return row
     sub = _interval_samples(data, orbit, prof, span)
@@ -675,12 +715,14 @@ def _measure(data, orbit, prof, span, eps, check):
     coarse = float(scipy.integrate.trapezoid(sub.speed, x=sub.s))
     z0 = float(sub.z_norm[0])
     row.update(
-        arc_length=arc, arc_error=abs(arc - coarse),
+        arc_length=arc,
+        arc_error=abs(arc - coarse),
         polyline=float(sub.step[1:].sum()),
         chord=float(np.linalg.norm(orbit(span.s1) - orbit(span.s0))),
         z0=z0,
         r_max=float(np.nanmax(sub.r)) if np.any(~np.isnan(sub.r)) else eps,
-        z_rise=float(sub.z_norm.max() / z0 - 1.0) if z0 > 0 else 0.0)
+        z_rise=float(sub.z_norm.max() / z0 - 1.0) if z0 > 0 else 0.0,
+    )
     _bounds(row, data.N, check)
     return row
 
@@ -693,10 +735,8 @@ def _bounds(row, n_samples, check):
     scale = n_samples / z0
     row["bound"] = scale * arc / row["eps"]
     row["bound_chord"] = scale * row["chord"] / row["eps"]
-    row["bound_sharp"] = scale * arc / row["r_max"] if row["r_max"] > 0 \
-        else math.inf
-    row["slack"] = row["length"] / row["bound"] if row["bound"] > 0 \
-        else math.inf
+    row["bound_sharp"] = scale * arc / row["r_max"] if row["r_max"] > 0 else math.inf
+    row["slack"] = row["length"] / row["bound"] if row["bound"] > 0 else math.inf
     if check:
         tol = BOUND_RTOL + (row["arc_error"] / arc if arc > 0 else 0.0)
         worst = max(row["bound"], row["bound_sharp"])
@@ -715,8 +755,7 @@ class _Analysis:
     trapped_time: list
 
 
-def _analyse(data, orbit, times, eps_list, check, progress=None,
-             stage="profile"):
+def _analyse(data, orbit, times, eps_list, check, progress=None, stage="profile"):
     """Profile, intervals and their measurements for every eps."""
     prof = _sample(data, orbit, times, progress, stage)
 
@@ -735,8 +774,13 @@ def _analyse(data, orbit, times, eps_list, check, progress=None,
 
 def _trapped_before(table, eps, limit):
     """Total length of the eps intervals inside ``[0, limit]``."""
-    return float(sum(max(0.0, min(row["s1"], limit) - row["s0"])
-                     for row in table if row["eps"] == eps))
+    return float(
+        sum(
+            max(0.0, min(row["s1"], limit) - row["s0"])
+            for row in table
+            if row["eps"] == eps
+        )
+    )
 
 
 # --------------------------------------------------------------------------
@@ -755,14 +799,27 @@ def trap_options(**changes):
     -------
     FlowOptions
     """
-    base = fl.FlowOptions(kind="standard", solver="DOP853", rtol=TRAP_RTOL,
-                          atol=TRAP_ATOL, spectrum=False)
+    base = fl.FlowOptions(
+        kind="standard", solver="DOP853", rtol=TRAP_RTOL, atol=TRAP_ATOL, spectrum=False
+    )
     return replace(base, **changes)
 
 
-def trap(params, X, Y, eps, options=None, activation="tanh", compare=False,
-         threshold=None, compare_damping=None, grid_points=GRID_POINTS,
-         residual_floor=None, rank_cutoff=RANK_CUTOFF, progress=None):
+def trap(
+    params,
+    X,
+    Y,
+    eps,
+    options=None,
+    activation="tanh",
+    compare=False,
+    threshold=None,
+    compare_damping=None,
+    grid_points=GRID_POINTS,
+    residual_floor=None,
+    rank_cutoff=RANK_CUTOFF,
+    progress=None,
+):
     """Find the trapped stretches of a standard-flow orbit; check the bound.
 
     Integrates ``theta' = -D^T g`` from ``params`` with dense output,
@@ -825,30 +882,37 @@ def trap(params, X, Y, eps, options=None, activation="tanh", compare=False,
     adapted = None
     if compare:
         under = nw.param_count(nw.widths_of(params)) < np.size(Y)
-        adapted = _adapted_options(options, threshold, compare_damping,
-                                   under)
-    flow, orbit = _integrate(params, X, Y, options, activation, progress,
-                             "standard")
-    data = _make_data(params, X, Y, activation, orbit.theta0,
-                      residual_floor)
+        adapted = _adapted_options(options, threshold, compare_damping, under)
+    flow, orbit = _integrate(params, X, Y, options, activation, progress, "standard")
+    data = _make_data(params, X, Y, activation, orbit.theta0, residual_floor)
     times = _grid(orbit.knots, grid_points, STEP_REFINE)
     ana = _analyse(data, orbit, times, eps_list, True, progress)
     result = _result(data, orbit, ana, eps_list, "integrated", rank_cutoff)
     result.flow = flow
     if flow.status == "failed":
         result.status = "failed"
-        result.message = f"standard flow failed: {flow.message}. " \
-            + result.message
+        result.message = f"standard flow failed: {flow.message}. " + result.message
     if compare:
-        _compare(result, data, params, orbit, ana, adapted, threshold,
-                 grid_points, progress)
+        _compare(
+            result, data, params, orbit, ana, adapted, threshold, grid_points, progress
+        )
     _warn_violations(result)
     return result
 
 
-def trap_records(s, theta, X, Y, widths, eps, activation="tanh",
-                 refine=RECORD_REFINE, grid_points=GRID_POINTS,
-                 residual_floor=None, rank_cutoff=RANK_CUTOFF):
+def trap_records(
+    s,
+    theta,
+    X,
+    Y,
+    widths,
+    eps,
+    activation="tanh",
+    refine=RECORD_REFINE,
+    grid_points=GRID_POINTS,
+    residual_floor=None,
+    rank_cutoff=RANK_CUTOFF,
+):
     """Trap analysis of a recorded standard-flow orbit (e.g. a flow file).
 
     Between records ``theta(s)`` is the cubic Hermite interpolant whose
@@ -920,7 +984,8 @@ def critical_point(params, X, Y, activation="tanh", rank_cutoff=RANK_CUTOFF):
     if not 0 < rank_cutoff < 1:
         raise ValueError(
             f"rank_cutoff: expected a number in (0, 1), e.g. "
-            f"{RANK_CUTOFF:g}, got {rank_cutoff!r}")
+            f"{RANK_CUTOFF:g}, got {rank_cutoff!r}"
+        )
     data = _make_data(params, X, Y, activation, nw.flatten(params), 0.0)
     return _critical(data, nw.flatten(params), rank_cutoff)
 
@@ -937,11 +1002,17 @@ def _critical(data, theta, rank_cutoff):
     K = nw.param_count(data.widths)
     rank = int(np.count_nonzero(keep))
     return CriticalPoint(
-        rank=rank, critical_dimension=K - rank, K=K, QN=z.size,
-        grad_norm=speed, cost=z_norm**2 / (2 * data.N),
+        rank=rank,
+        critical_dimension=K - rank,
+        K=K,
+        QN=z.size,
+        grad_norm=speed,
+        cost=z_norm**2 / (2 * data.N),
         ratio=data.N * speed / z_norm if z_norm > 0 else math.nan,
         residual_outside_range=outside / z_norm if z_norm > 0 else math.nan,
-        rank_cutoff=float(rank_cutoff), eigenvalues=w)
+        rank_cutoff=float(rank_cutoff),
+        eigenvalues=w,
+    )
 
 
 # --------------------------------------------------------------------------
@@ -951,18 +1022,21 @@ def _critical(data, theta, rank_cutoff):
 
 def _check_eps(eps):
     values = np.atleast_1d(np.asarray(eps, dtype=np.float64))
-    if values.ndim != 1 or values.size == 0 or not np.all(
-            np.isfinite(values) & (values > 0)):
+    if (
+        values.ndim != 1
+        or values.size == 0
+        or not np.all(np.isfinite(values) & (values > 0))
+    ):
         raise ValueError(
             f"eps: expected a number > 0 or a non-empty list of them, e.g. "
-            f"[0.01, 0.1], got {eps!r}")
+            f"[0.01, 0.1], got {eps!r}"
+        )
     return [float(v) for v in values]
 
 
 def _check_grid(grid_points):
     if not (_is_int(grid_points) and grid_points >= 3):
-        raise ValueError(
-            f"grid_points: expected an int >= 3, got {grid_points!r}")
+        raise ValueError(f"grid_points: expected an int >= 3, got {grid_points!r}")
 
 
 def _is_int(value):
@@ -977,10 +1051,13 @@ def _check_records(s, theta, widths):
         raise ValueError(
             f"s, theta: expected shapes (n_records,) and (n_records, {K}) "
             f"with n_records >= 2 for widths {list(widths)}, got {s.shape} "
-            f"and {theta.shape}")
+            f"and {theta.shape}"
+        )
     if np.any(np.diff(s) <= 0):
-        raise ValueError("s: record times must be strictly increasing; "
-                         "drop repeated records (euler runs repeat them)")
+        raise ValueError(
+            "s: record times must be strictly increasing; "
+            "drop repeated records (euler runs repeat them)"
+        )
     return s, theta
 
 
@@ -988,32 +1065,37 @@ def _trap_flow_options(options):
     options = trap_options() if options is None else options
     if not isinstance(options, fl.FlowOptions):
         raise ValueError(
-            f"options: expected a FlowOptions, got {type(options).__name__}")
+            f"options: expected a FlowOptions, got {type(options).__name__}"
+        )
     if options.loss != "l2":
         raise NotImplementedError(
             f"trap analysis of the {options.loss!r} loss: the trapping bound "
-            "uses g = z / N and holds for the L2 cost only")
+            "uses g = z / N and holds for the L2 cost only"
+        )
     if options.solver == "euler":
         raise NotImplementedError(
             "trap analysis of the euler solver (gradient descent): the bound "
             "is about the continuous flow; use an adaptive solver, e.g. "
-            "'DOP853' or 'LSODA'")
+            "'DOP853' or 'LSODA'"
+        )
     if options.rtol > TRAP_RTOL_MAX:
         warnings.warn(
             f"flow.rtol = {options.rtol:g} is loose for trap analysis; "
             f"bound checks may flag integration error, use <= "
             f"{TRAP_RTOL_MAX:g}",
-            RuntimeWarning, stacklevel=3)
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return replace(options, kind="standard")
 
 
 def _adapted_options(options, threshold, compare_damping, under):
     """Options of the adapted run of the comparison (checked here, early)."""
-    if threshold is not None and not (math.isfinite(threshold)
-                                      and threshold >= 0):
+    if threshold is not None and not (math.isfinite(threshold) and threshold >= 0):
         raise ValueError(
             f"threshold: expected a cost >= 0 or None (default "
-            f"{THRESHOLD_REL:g} * C(0)), got {threshold!r}")
+            f"{THRESHOLD_REL:g} * C(0)), got {threshold!r}"
+        )
     damping = compare_damping
     if damping is None:
         default = COMPARE_DAMPING_UNDER if under else COMPARE_DAMPING
@@ -1021,9 +1103,9 @@ def _adapted_options(options, threshold, compare_damping, under):
     if not (math.isfinite(damping) and damping >= 0):
         raise ValueError(
             f"compare_damping: expected a number >= 0, e.g. "
-            f"{COMPARE_DAMPING:g}, got {compare_damping!r}")
-    return replace(options, kind="adapted", solver="DOP853",
-                   damping=float(damping))
+            f"{COMPARE_DAMPING:g}, got {compare_damping!r}"
+        )
+    return replace(options, kind="adapted", solver="DOP853", damping=float(damping))
 
 
 def _make_data(params, X, Y, activation, theta0, residual_floor):
@@ -1039,10 +1121,13 @@ def _integrate(params, X, Y, options, activation, progress, stage):
     steps = _StepCollector()
     report = None
     if progress is not None:
+
         def report(s, s_max):
             progress(stage, s, s_max)
-    flow = fl.integrate(params, X, Y, options, activation, progress=report,
-                        on_step=steps)
+
+    flow = fl.integrate(
+        params, X, Y, options, activation, progress=report, on_step=steps
+    )
     return flow, steps.orbit(nw.flatten(params))
 
 
@@ -1052,14 +1137,21 @@ def _result(data, orbit, ana, eps_list, source, rank_cutoff):
     result = TrapResult(
         status="violated" if violations else "ok",
         message="",
-        eps=eps_list, N=data.N, K=nw.param_count(data.widths),
-        QN=data.Y.size, source=source, s_final=orbit.s_final,
+        eps=eps_list,
+        N=data.N,
+        K=nw.param_count(data.widths),
+        QN=data.Y.size,
+        source=source,
+        s_final=orbit.s_final,
         cost_initial=float(prof.z_norm[0] ** 2 / (2 * data.N)),
         cost_final=float(prof.z_norm[-1] ** 2 / (2 * data.N)),
-        residual_floor=data.floor, table=ana.table,
-        trapped_time=ana.trapped_time, profile=prof.arrays(data.N),
+        residual_floor=data.floor,
+        table=ana.table,
+        trapped_time=ana.trapped_time,
+        profile=prof.arrays(data.N),
         critical=_critical(data, orbit(orbit.s_final), rank_cutoff),
-        orbit=orbit)
+        orbit=orbit,
+    )
     result.message = _message(result)
     return result
 
@@ -1067,26 +1159,31 @@ def _result(data, orbit, ana, eps_list, source, rank_cutoff):
 def _message(result):
     counts = ", ".join(
         f"{sum(row['eps'] == e for row in result.table)} at eps={e:g}"
-        for e in result.eps)
-    text = (f"{len(result.table)} trapped intervals ({counts}) on "
-            f"[0, {result.s_final:.6g}]; final rank of D "
-            f"{result.critical.rank} of {result.QN}")
+        for e in result.eps
+    )
+    text = (
+        f"{len(result.table)} trapped intervals ({counts}) on "
+        f"[0, {result.s_final:.6g}]; final rank of D "
+        f"{result.critical.rank} of {result.QN}"
+    )
     bad = [row for row in result.table if row["violated"]]
     if bad:
         worst = min(bad, key=lambda row: row["slack"])
-        text += (f". BOUND VIOLATED on {len(bad)} intervals, worst "
-                 f"[{worst['s0']:.6g}, {worst['s1']:.6g}] at eps="
-                 f"{worst['eps']:g}: |I| = {worst['length']:.6g} < bound "
-                 f"{max(worst['bound'], worst['bound_sharp']):.6g}. The "
-                 "orbit is not an accurate standard-flow orbit, which is "
-                 "not a failure of the theorem: " + _FIXES[result.source])
+        text += (
+            f". BOUND VIOLATED on {len(bad)} intervals, worst "
+            f"[{worst['s0']:.6g}, {worst['s1']:.6g}] at eps="
+            f"{worst['eps']:g}: |I| = {worst['length']:.6g} < bound "
+            f"{max(worst['bound'], worst['bound_sharp']):.6g}. The "
+            "orbit is not an accurate standard-flow orbit, which is "
+            "not a failure of the theorem: " + _FIXES[result.source]
+        )
     return text
 
 
 _FIXES = {
     "integrated": "tighten flow.rtol/atol or raise grid_points",
     "records": "record the flow more densely (see interpolation_defect) "
-               "and check that it is the standard flow",
+    "and check that it is the standard flow",
 }
 
 
@@ -1100,20 +1197,26 @@ def _warn_violations(result):
 # --------------------------------------------------------------------------
 
 
-def _compare(result, data, params, std_orbit, ana, options, threshold,
-             grid_points, progress):
+def _compare(
+    result, data, params, std_orbit, ana, options, threshold, grid_points, progress
+):
     """Run the adapted flow (``options``) to the threshold; fill
     result.comparison."""
     if threshold is None:
         threshold = THRESHOLD_REL * result.cost_initial
     t_std = _time_to_cost(data, std_orbit, ana.profile, threshold)
-    flow, orbit = _integrate(params, data.X, data.Y,
-                             replace(options, stop_cost=threshold),
-                             data.activation, progress, "adapted")
+    flow, orbit = _integrate(
+        params,
+        data.X,
+        data.Y,
+        replace(options, stop_cost=threshold),
+        data.activation,
+        progress,
+        "adapted",
+    )
     t_ad = flow.s_final if flow.stop_reason == "cost" else None
     times = _grid(orbit.knots, grid_points, STEP_REFINE)
-    ad = _analyse(data, orbit, times, result.eps, False, progress,
-                  "adapted_profile")
+    ad = _analyse(data, orbit, times, result.eps, False, progress, "adapted_profile")
     result.flow_adapted = flow
     result.adapted_profile = ad.profile.arrays(data.N)
     end_std = t_std if t_std is not None else result.s_final
@@ -1124,11 +1227,11 @@ def _compare(result, data, params, std_orbit, ana, options, threshold,
         "time_to_threshold_adapted": t_ad,
         "speedup": t_std / t_ad if t_std is not None and t_ad else None,
         "trapped_share_standard": [
-            _share(_trapped_before(ana.table, e, end_std), end_std)
-            for e in result.eps],
+            _share(_trapped_before(ana.table, e, end_std), end_std) for e in result.eps
+        ],
         "trapped_share_adapted": [
-            _share(_trapped_before(ad.table, e, end_ad), end_ad)
-            for e in result.eps],
+            _share(_trapped_before(ad.table, e, end_ad), end_ad) for e in result.eps
+        ],
         "trapped_time_adapted": ad.trapped_time,
         "adapted_damping": options.damping,
     }
@@ -1155,18 +1258,15 @@ def _time_to_cost(data, orbit, prof, threshold):
         return z_norm**2 / (2 * data.N) - threshold
 
     a, b = prof.s[k - 1], prof.s[k]
-    return float(scipy.optimize.brentq(excess, a, b,
-                                       xtol=BRENT_XTOL_REL * b))
+    return float(scipy.optimize.brentq(excess, a, b, xtol=BRENT_XTOL_REL * b))
 
 
 def _comparison_message(comp, flow):
-    t_std, t_ad = comp["time_to_threshold_standard"], \
-        comp["time_to_threshold_adapted"]
+    t_std, t_ad = comp["time_to_threshold_standard"], comp["time_to_threshold_adapted"]
     text = f"; cost {comp['threshold']:.3e} reached by the standard flow "
     text += f"at s = {t_std:.6g}" if t_std is not None else "never"
     text += ", by the adapted flow "
-    text += f"at s = {t_ad:.6g}" if t_ad is not None else \
-        f"never ({flow.message})"
+    text += f"at s = {t_ad:.6g}" if t_ad is not None else f"never ({flow.message})"
     return text
 
 
@@ -1195,12 +1295,13 @@ def small_init(params, scale=1e-2):
     """
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale: expected a number > 0, got {scale!r}")
-    return [(scale * W, scale * b) for W, b in nw.unflatten(
-        nw.flatten(params), nw.widths_of(params))]
+    return [
+        (scale * W, scale * b)
+        for W, b in nw.unflatten(nw.flatten(params), nw.widths_of(params))
+    ]
 
 
-def dead_units(params, X, fraction=0.75, margin=3.0, rng=None,
-               activation="relu"):
+def dead_units(params, X, fraction=0.75, margin=3.0, rng=None, activation="relu"):
     """Switch hidden units off on every sample with negative biases.
 
     In every hidden layer a share ``fraction`` of the units (chosen by
@@ -1227,15 +1328,14 @@ def dead_units(params, X, fraction=0.75, margin=3.0, rng=None,
     list of (W, b) pairs
     """
     if not 0 <= fraction <= 1:
-        raise ValueError(f"fraction: expected a number in [0, 1], got "
-                         f"{fraction!r}")
+        raise ValueError(f"fraction: expected a number in [0, 1], got {fraction!r}")
     if not (math.isfinite(margin) and margin >= 0):
         raise ValueError(f"margin: expected a number >= 0, got {margin!r}")
     rng = np.random.default_rng(rng)
     params = nw.unflatten(nw.flatten(params), nw.widths_of(params))
     A = np.asarray(X, dtype=np.float64)
     for W, b in params[:-1]:
-        dead = rng.permutation(b.size)[:round(fraction * b.size)]
+        dead = rng.permutation(b.size)[: round(fraction * b.size)]
         b[dead] = -margin - (A @ W[dead].T).max(axis=0)
         A = _activate(A @ W.T + b, activation)
     return params
@@ -1274,11 +1374,11 @@ def near_duplicates(X, n_groups, spread=1e-3, rng=None):
     """
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != 2:
-        raise ValueError(f"X: expected shape (n_samples, n_inputs), got "
-                         f"{X.shape}")
+        raise ValueError(f"X: expected shape (n_samples, n_inputs), got {X.shape}")
     if not (_is_int(n_groups) and 1 <= n_groups <= X.shape[0]):
-        raise ValueError(f"n_groups: expected an int in [1, {X.shape[0]}], "
-                         f"got {n_groups!r}")
+        raise ValueError(
+            f"n_groups: expected an int in [1, {X.shape[0]}], got {n_groups!r}"
+        )
     if not (math.isfinite(spread) and spread >= 0):
         raise ValueError(f"spread: expected a number >= 0, got {spread!r}")
     rng = np.random.default_rng(rng)
@@ -1308,18 +1408,20 @@ def underparametrized(params, width):
     if not hidden or not (_is_int(width) and 1 <= width <= min(hidden)):
         raise ValueError(
             f"width: expected an int in [1, {min(hidden, default=0)}] for "
-            f"hidden widths {hidden}, got {width!r}")
+            f"hidden widths {hidden}, got {width!r}"
+        )
     out = []
     for l, (W, b) in enumerate(params):
         rows = width if l < len(params) - 1 else W.shape[0]
         cols = width if l > 0 else W.shape[1]
-        out.append((np.array(W[:rows, :cols], dtype=np.float64),
-                    np.array(b[:rows], dtype=np.float64)))
+        out.append((
+            np.array(W[:rows, :cols], dtype=np.float64),
+            np.array(b[:rows], dtype=np.float64),
+        ))
     return out
 
 
-def apply_scenario(name, params, X, Y, rng=None, activation="tanh",
-                   **knobs):
+def apply_scenario(name, params, X, Y, rng=None, activation="tanh", **knobs):
     """Modify a problem so that its standard-flow orbit traps on purpose.
 
     Parameters
@@ -1346,8 +1448,7 @@ def apply_scenario(name, params, X, Y, rng=None, activation="tanh",
     if name == "small_init":
         return small_init(params, **knobs), X, Y
     if name == "dead_units":
-        return dead_units(params, X, rng=rng, activation=activation,
-                          **knobs), X, Y
+        return dead_units(params, X, rng=rng, activation=activation, **knobs), X, Y
     if name == "near_duplicates":
         knobs.setdefault("n_groups", max(1, X.shape[0] // 2))
         return params, near_duplicates(X, rng=rng, **knobs), Y
@@ -1356,8 +1457,16 @@ def apply_scenario(name, params, X, Y, rng=None, activation="tanh",
     raise ValueError(f"scenario: expected one of {SCENARIOS}, got {name!r}")
 
 
-def make_scenario(name, rng, n_samples=8, dim=2, n_outputs=1, hidden=(8, 8),
-                  activation="tanh", **knobs):
+def make_scenario(
+    name,
+    rng,
+    n_samples=8,
+    dim=2,
+    n_outputs=1,
+    hidden=(8, 8),
+    activation="tanh",
+    **knobs,
+):
     """Draw a small problem and make it trap: ``(params, X, Y)``.
 
     Inputs and targets are standard normal, targets centred per output (so
@@ -1385,12 +1494,12 @@ def make_scenario(name, rng, n_samples=8, dim=2, n_outputs=1, hidden=(8, 8),
     X = rng.standard_normal((n_samples, dim))
     Y = rng.standard_normal((n_samples, n_outputs))
     Y -= Y.mean(axis=0)
-    params = nw.init_params([dim, *hidden, n_outputs], rng=rng,
-                            scheme="glorot", bias_scale=0.1)
+    params = nw.init_params(
+        [dim, *hidden, n_outputs], rng=rng, scheme="glorot", bias_scale=0.1
+    )
     if name == "underparametrized" and "width" not in knobs:
         knobs["width"] = _widest_under(dim, hidden, n_outputs, n_samples)
-    return apply_scenario(name, params, X, Y, rng=rng,
-                          activation=activation, **knobs)
+    return apply_scenario(name, params, X, Y, rng=rng, activation=activation, **knobs)
 
 
 def _widest_under(dim, hidden, n_outputs, n_samples):

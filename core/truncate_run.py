@@ -13,9 +13,18 @@ import numpy as np
 
 from . import store
 from . import truncview as tv
-from .runs import (RunFailure, _finish, _open_writer, _write_spec_and_data, base_summary,
-                   deep_construction, flow_options, flow_targets, initial_params,
-                   make_dataset)
+from .runs import (
+    RunFailure,
+    _finish,
+    _open_writer,
+    _write_spec_and_data,
+    base_summary,
+    deep_construction,
+    flow_options,
+    flow_targets,
+    initial_params,
+    make_dataset,
+)
 
 
 def run_truncate(run, progress=None):
@@ -27,8 +36,9 @@ def run_truncate(run, progress=None):
     try:
         w.array("spec", "run", run.spec_text)
         w.array("spec", "source", run.source_text, file=run.spec_file)
-        view, over, labels, n, message = SOURCES[cfg.truncate.of](w, run, base_dir,
-                                                                 progress)
+        view, over, labels, n, message = SOURCES[cfg.truncate.of](
+            w, run, base_dir, progress
+        )
         tv.write_view(w, view, labels, n, over)
         summary.update(_row(view, over))
         notes = "; ".join([message] + view.failures if message else view.failures)
@@ -52,9 +62,14 @@ def _of_flow(w, run, base_dir, progress):
     store.store_layers(w, "network/initial", params)
     options = flow_options(cfg.flow)
     options.store_theta = True
-    result = flows.integrate(params, ds.X, Y, options, cfg.network.activation,
-                             progress=None if progress is None else
-                             (lambda s, T: progress(min(s, T), T)))
+    result = flows.integrate(
+        params,
+        ds.X,
+        Y,
+        options,
+        cfg.network.activation,
+        progress=None if progress is None else (lambda s, T: progress(min(s, T), T)),
+    )
     for key, value in result.records.items():
         w.array("trajectory", key, np.asarray(value))
     store.store_layers(w, "network", result.params)
@@ -63,8 +78,13 @@ def _of_flow(w, run, base_dir, progress):
     if cfg.truncate.time == "last":
         thetas = thetas[-1:]
     widths = network.widths_of(result.params)
-    over = tv.truncation_over_time(thetas, widths, ds.X, ds.labels,
-                                   s=np.asarray(result.records["s"])[-len(thetas):])
+    over = tv.truncation_over_time(
+        thetas,
+        widths,
+        ds.X,
+        ds.labels,
+        s=np.asarray(result.records["s"])[-len(thetas) :],
+    )
     view = tv.truncation_view(result.params, ds.X, ds.labels)
     return view, over, ds.labels, ds.X.shape[0], result.message
 
@@ -94,7 +114,9 @@ def _of_result(w, run, base_dir, progress):
     view = tv.truncation_view(src.layers, src.X, src.labels)
     over = None
     if src.thetas is not None and run.config.truncate.time == "all":
-        over = tv.truncation_over_time(src.thetas, src.widths, src.X, src.labels, s=src.s)
+        over = tv.truncation_over_time(
+            src.thetas, src.widths, src.X, src.labels, s=src.s
+        )
     return view, over, src.labels, src.X.shape[0], ""
 
 
@@ -104,14 +126,22 @@ SOURCES = {"flow": _of_flow, "construct": _of_construct, "result": _of_result}
 def _row(view, over):
     """Per-layer truncated fractions and spreads (for the last time)."""
     fr = view.fractions  # (L, Q, 3): collapsed, partly, fixed
-    row = {"layers": len(view.layers), "conditions_ok": not view.failures,
-           "failures": view.failures, "composition_error": view.composition_error,
-           "collapsed": _lists(fr[..., 0]), "partly": _lists(fr[..., 1]),
-           "fixed": _lists(fr[..., 2]), "spread": _lists(view.spread)}
+    row = {
+        "layers": len(view.layers),
+        "conditions_ok": not view.failures,
+        "failures": view.failures,
+        "composition_error": view.composition_error,
+        "collapsed": _lists(fr[..., 0]),
+        "partly": _lists(fr[..., 1]),
+        "fixed": _lists(fr[..., 2]),
+        "spread": _lists(view.spread),
+    }
     if over is not None:
         row["times"] = int(over.fractions.shape[0])
     return row
 
 
 def _lists(a):
-    return [[None if not np.isfinite(v) else float(v) for v in r] for r in np.asarray(a)]
+    return [
+        [None if not np.isfinite(v) else float(v) for v in r] for r in np.asarray(a)
+    ]

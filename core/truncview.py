@@ -153,20 +153,27 @@ def truncation_view(layers, X, labels=None, *, rank_rtol=RANK_RTOL):
 
 
 def _check_inputs(layers, X, labels):
-    layers = [(np.asarray(W, dtype=float), np.asarray(b, dtype=float))
-              for W, b in layers]
+    layers = [
+        (np.asarray(W, dtype=float), np.asarray(b, dtype=float)) for W, b in layers
+    ]
     if len(layers) < 2:
-        raise ValueError(f"need at least one hidden layer and an output layer, "
-                         f"got {len(layers)} layer(s)")
+        raise ValueError(
+            f"need at least one hidden layer and an output layer, "
+            f"got {len(layers)} layer(s)"
+        )
     X = np.asarray(X, dtype=float)
     dim = layers[0][0].shape[1]
     if X.ndim != 2 or X.shape[1] != dim:
         raise ValueError(f"X: expected shape (n_samples, {dim}), got {X.shape}")
-    labels = (np.zeros(X.shape[0], dtype=int) if labels is None
-              else np.asarray(labels).astype(int))
+    labels = (
+        np.zeros(X.shape[0], dtype=int)
+        if labels is None
+        else np.asarray(labels).astype(int)
+    )
     if labels.shape != (X.shape[0],) or (labels < 0).any():
-        raise ValueError(f"labels: expected {X.shape[0]} non-negative ints, "
-                         f"got shape {labels.shape}")
+        raise ValueError(
+            f"labels: expected {X.shape[0]} non-negative ints, got shape {labels.shape}"
+        )
     return layers, X, labels
 
 
@@ -203,9 +210,23 @@ def _layer_view(ell, W, b, W_prev, X_in, A, labels, Q, tol, rank_rtol):
     nest = _nest_residual(W, W_prev, rank_rtol)
     comp = _max_abs(A - (truncated @ W.T + b))
     failures = _failures(ell, W, sv_ratio, rank_rtol, nest)
-    return LayerView(ell, W, b, -Wp @ b, Wp.T.copy(), truncated, state, state,
-                     None, _fractions(state, labels, Q), _spread(truncated, labels, Q),
-                     sv_ratio, nest, comp, failures)
+    return LayerView(
+        ell,
+        W,
+        b,
+        -Wp @ b,
+        Wp.T.copy(),
+        truncated,
+        state,
+        state,
+        None,
+        _fractions(state, labels, Q),
+        _spread(truncated, labels, Q),
+        sv_ratio,
+        nest,
+        comp,
+        failures,
+    )
 
 
 def _sv_ratio(W, s):
@@ -226,15 +247,21 @@ def _failures(ell, W, sv_ratio, rank_rtol, nest):
     m, n = W.shape
     failures = []
     if m > n:
-        failures.append(f"layer {ell}: W^({ell}) has {m} rows but acts on R^{n}, "
-                        "so it cannot have full row rank")
+        failures.append(
+            f"layer {ell}: W^({ell}) has {m} rows but acts on R^{n}, "
+            "so it cannot have full row rank"
+        )
     elif sv_ratio < rank_rtol:
-        failures.append(f"layer {ell}: W^({ell}) is rank deficient (s_min/s_max = "
-                        f"{sv_ratio:.3g} < {rank_rtol:.3g}); viewed with the SVD "
-                        "pseudo-inverse")
+        failures.append(
+            f"layer {ell}: W^({ell}) is rank deficient (s_min/s_max = "
+            f"{sv_ratio:.3g} < {rank_rtol:.3g}); viewed with the SVD "
+            "pseudo-inverse"
+        )
     if nest > NEST_RTOL:
-        failures.append(f"layer {ell}: row(W^({ell})) is not inside row(W^({ell - 1}))"
-                        f" (relative residual {nest:.3g} > {NEST_RTOL:.3g})")
+        failures.append(
+            f"layer {ell}: row(W^({ell})) is not inside row(W^({ell - 1}))"
+            f" (relative residual {nest:.3g} > {NEST_RTOL:.3g})"
+        )
     return failures
 
 
@@ -326,8 +353,9 @@ def truncation_over_time(thetas, widths, X, labels, s=None, *, rank_rtol=RANK_RT
 
     thetas = np.asarray(thetas, dtype=float)
     if thetas.ndim != 2 or thetas.shape[0] == 0:
-        raise ValueError("thetas: expected shape (T, n_params), T >= 1, "
-                         f"got {thetas.shape}")
+        raise ValueError(
+            f"thetas: expected shape (T, n_params), T >= 1, got {thetas.shape}"
+        )
     if s is not None and np.shape(s) != (thetas.shape[0],):
         raise ValueError(f"s: expected shape ({thetas.shape[0]},), got {np.shape(s)}")
     views = []
@@ -336,12 +364,14 @@ def truncation_over_time(thetas, widths, X, labels, s=None, *, rank_rtol=RANK_RT
         views.append(_view(layers, Xc, lab, rank_rtol))
     return TruncationOverTime(
         fractions=np.stack([v.fractions for v in views]),
-        local_fractions=np.stack([np.stack([lv.local_fractions for lv in v.layers])
-                                  for v in views]),
+        local_fractions=np.stack([
+            np.stack([lv.local_fractions for lv in v.layers]) for v in views
+        ]),
         spread=np.stack([v.spread for v in views]),
         composition_error=np.array([v.composition_error for v in views]),
         n_failures=np.array([len(v.failures) for v in views]),
-        s=None if s is None else np.asarray(s, dtype=float))
+        s=None if s is None else np.asarray(s, dtype=float),
+    )
 
 
 def partial_truncation_start(construction, X, labels, layer, weight, *, nu=None):
@@ -373,15 +403,23 @@ def partial_truncation_start(construction, X, labels, layer, weight, *, nu=None)
         Layer-wise parameters, usable as a flow start (``network.save_npz``).
     """
     if not construction.layers:
-        raise ValueError(f"construction has no layers (status {construction.status!r}: "
-                         f"{construction.message})")
+        raise ValueError(
+            f"construction has no layers (status {construction.status!r}: "
+            f"{construction.message})"
+        )
     n_cone = int(np.sum(~np.isnan(construction.apexes[:, 0])))
     if not 1 <= layer <= n_cone:
         raise ValueError(f"layer: expected a cone layer in 1..{n_cone}, got {layer}")
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"weight: expected a number in [0, 1], got {weight}")
-    return _partial_start(construction, np.asarray(X, dtype=float),
-                          np.asarray(labels), layer, float(weight), nu)
+    return _partial_start(
+        construction,
+        np.asarray(X, dtype=float),
+        np.asarray(labels),
+        layer,
+        float(weight),
+        nu,
+    )
 
 
 def _partial_start(cons, X, labels, layer, weight, nu):
@@ -395,8 +433,9 @@ def _partial_start(cons, X, labels, layer, weight, nu):
     cumulative = [(W.copy(), b.copy()) for W, b in cons.cumulative]
     W = cumulative[layer - 1][0]
     cumulative[layer - 1] = (W, -W @ p)
-    Ws, bs = tr.layers_from_cumulative([w for w, _ in cumulative],
-                                       [b for _, b in cumulative])
+    Ws, bs = tr.layers_from_cumulative(
+        [w for w, _ in cumulative], [b for _, b in cumulative]
+    )
     return list(zip(Ws, bs))
 
 
@@ -461,11 +500,14 @@ def load_source(path, data=None, time=None):
         raise ValueError(f"{path}: no such file")
     if path.suffix == ".npz":
         if data is None:
-            raise ValueError(f"{path}: weights alone; give DATA (.npz with X, labels "
-                             "or .csv) to view the network on")
+            raise ValueError(
+                f"{path}: weights alone; give DATA (.npz with X, labels "
+                "or .csv) to view the network on"
+            )
         if time is not None:
-            raise ValueError(f"{path}: a weights file has no recorded times; "
-                             "drop --time")
+            raise ValueError(
+                f"{path}: a weights file has no recorded times; drop --time"
+            )
         layers = network.load_npz(path)
         widths = network.widths_of(layers)
         X, labels = _load_data(data, widths[0])
@@ -507,12 +549,16 @@ def _layers_at(path, thetas, widths, time):
     from .network import unflatten
 
     if thetas is None:
-        raise ValueError(f"{path}: no trajectory/theta stored (run the flow with "
-                         "store_theta), so no recorded time can be viewed")
+        raise ValueError(
+            f"{path}: no trajectory/theta stored (run the flow with "
+            "store_theta), so no recorded time can be viewed"
+        )
     T = thetas.shape[0]
     if not -T <= int(time) < T:
-        raise ValueError(f"time index {time} out of range: {path} records {T} times "
-                         f"(0..{T - 1}, or negative from the end)")
+        raise ValueError(
+            f"time index {time} out of range: {path} records {T} times "
+            f"(0..{T - 1}, or negative from the end)"
+        )
     return unflatten(thetas[int(time)], widths)
 
 
@@ -528,8 +574,11 @@ def _load_data(data, dim):
     if labels is None:
         return X, np.zeros(X.shape[0], dtype=int)
     labels = np.asarray(labels)
-    if labels.shape != (X.shape[0],) or not np.all(labels == np.round(labels)) \
-            or (labels < 0).any():
+    if (
+        labels.shape != (X.shape[0],)
+        or not np.all(labels == np.round(labels))
+        or (labels < 0).any()
+    ):
         raise ValueError(f"{data}: labels must be {X.shape[0]} non-negative integers")
     return X, labels.astype(int)
 
@@ -561,16 +610,28 @@ def write_view(w, view, labels, n_samples, over=None):
         w.array("truncview", f"base_point_{lv.layer}", lv.base_point)
         w.array("truncview", f"edges_{lv.layer}", lv.edges)
         w.array("truncview", f"truncated_{lv.layer}", lv.truncated[rows])
-        w.array("truncview", f"state_{lv.layer}", lv.cum_state,
-                codes="0 collapsed, 1 partly, 2 fixed (cumulative)")
+        w.array(
+            "truncview",
+            f"state_{lv.layer}",
+            lv.cum_state,
+            codes="0 collapsed, 1 partly, 2 fixed (cumulative)",
+        )
         w.array("truncview", f"local_state_{lv.layer}", lv.state)
-    w.array("truncview", "fractions", view.fractions,
-            axes="layer, class, (collapsed, partly, fixed)")
+    w.array(
+        "truncview",
+        "fractions",
+        view.fractions,
+        axes="layer, class, (collapsed, partly, fixed)",
+    )
     w.array("truncview", "spread", view.spread, axes="layer, class")
     if over is not None:
         w.array("truncview", "fractions_t", over.fractions)
         w.array("truncview", "spread_t", over.spread)
         if over.s is not None:
             w.array("truncview", "s", over.s)
-    w.set_attrs("truncview", layers=len(view.layers), failures=view.failures,
-                composition_error=view.composition_error)
+    w.set_attrs(
+        "truncview",
+        layers=len(view.layers),
+        failures=view.failures,
+        composition_error=view.composition_error,
+    )
