@@ -504,9 +504,14 @@ def initial_params(cfg, ds, rng, base_dir):
     path = path if path.is_absolute() else Path(base_dir) / path
     if not path.exists():
         raise RunFailure(f"network.init.path: {path}: no such file")
-    params = (
-        network.load_npz(path) if init.source == "file" else load_network(path).layers
-    )
+    if init.source == "file":
+        params = network.load_npz(path)
+    elif init.pattern is not None:
+        params = _pattern_network(path, init.pattern)
+    else:
+        params = load_network(path).layers
+    if init.source == "result" and init.perturb > 0:
+        params = perturb_params(params, init.perturb, init.relative, rng)
     widths = network.widths_of(params)
     if widths[0] != ds.X.shape[1] or widths[-1] != out_dim:
         raise RunFailure(
@@ -514,6 +519,44 @@ def initial_params(cfg, ds, rng, base_dir):
             f"but the data have {ds.X.shape[1]} inputs and {out_dim} targets per sample"
         )
     return [(np.array(W, dtype=float), np.array(b, dtype=float)) for W, b in params]
+
+
+def perturb_params(params, size, relative, rng):
+    """Add to each W and b an independent Gaussian direction of norm ``size``.
+
+    With ``relative`` the norm is ``size`` times the tensor's own norm.
+    """
+    out = []
+    for W, b in params:
+        moved = []
+        for T in (np.asarray(W, dtype=float), np.asarray(b, dtype=float)):
+            G = rng.standard_normal(T.shape)
+            norm = np.linalg.norm(G)
+            scale = size * (np.linalg.norm(T) if relative else 1.0)
+            moved.append(T + (scale / norm) * G if norm > 0 else T.copy())
+        out.append(tuple(moved))
+    return out
+
+
+def _pattern_network(path, pattern):
+    """The collapse/keep network of ``pattern`` on the data of a result file."""
+    from .family import build_collapse_keep
+
+    res = store.load(path)
+    if "data" not in res or "labels" not in res["data"]:
+        raise RunFailure(
+            f"network.init.path: {path} holds no labelled data for a pattern"
+        )
+    X, labels, Y = res["data"]["X"], res["data"]["labels"], res["data"]["Y"]
+    if len(pattern) != Y.shape[0]:
+        raise RunFailure(
+            f"network.init.pattern: found {len(pattern)} entries; allowed: one 0 or 1 "
+            f"per class ({Y.shape[0]})"
+        )
+    built = build_collapse_keep(X, labels, Y, np.asarray(pattern))
+    if built.status != "ok" or not built.layers:
+        raise RunFailure(f"network.init.pattern {pattern}: {built.message}")
+    return built.layers
 
 
 def flow_targets(cfg, ds):

@@ -169,10 +169,20 @@ class FileInit(_Strict):
 
 
 class ResultInit(_Strict):
-    """Initial weights from the network of a dlmin result file."""
+    """Initial weights from the network of a dlmin result file, optionally perturbed.
+
+    ``pattern`` rebuilds the collapse/keep network of that pattern on the
+    result's data (reference/construct.md section 6) instead of taking the
+    stored network; ``perturb`` adds to every weight and bias tensor an
+    independent Gaussian direction of that norm (times the tensor's own norm
+    when ``relative``), drawn from the run's seed.
+    """
 
     source: Literal["result"]
     path: str
+    perturb: float = Field(0.0, ge=0)
+    relative: bool = False
+    pattern: list[Annotated[int, Field(ge=0, le=1)]] | None = None
 
 
 class PartialInit(_Strict):

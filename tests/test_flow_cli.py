@@ -219,3 +219,43 @@ def test_rank_loss_experiment_levels_off_at_the_closed_form(tmp_path):
     # two classes share their inputs: C_inf = (1/2N) sum |y_n - group mean|^2 = 1/6
     assert row["status"] == "ok" and row["cost_final"] == pytest.approx(1 / 6, rel=1e-5)
     assert row["parametrization"] == "under"
+
+
+def test_perturbed_and_pattern_starts_from_a_construct_result(tmp_path):
+    text = """\
+    experiments:
+      - name: built
+        kind: construct
+        data: {source: clusters, classes: 3, dim: 3, points: 6, radius: 0.05}
+      - name: start
+        kind: flow
+        data: {source: clusters, classes: 3, dim: 3, points: 6, radius: 0.05}
+        network: {activation: relu, init: {source: result, path: out/built/run.h5,
+                                           perturb: 0.01}}
+        flow: {kind: standard, time: 1, record: {points: 2}}
+        sweep:
+          seed: [0, 1]
+      - name: keep-all
+        kind: flow
+        data: {source: clusters, classes: 3, dim: 3, points: 6, radius: 0.05}
+        network: {activation: relu, init: {source: result, path: out/built/run.h5,
+                                           pattern: [1, 1, 1]}}
+        flow: {kind: standard, time: 1, record: {points: 2}}
+    """
+    spec = write_spec(tmp_path, text)
+    assert invoke("construct", spec, "-o", tmp_path / "out").exit_code == 0
+    result = invoke("flow", spec, "-o", tmp_path / "out", "--json", "-j", "1")
+    assert result.exit_code == 0, result.output
+    table = rows(result)
+    built = store.load(tmp_path / "out" / "built" / "run.h5")
+    base = store.read_layers(built["network"])
+    starts = [store.load(r["path"]) for r in table if r["experiment"] == "start"]
+    for res in starts:
+        init = store.read_layers(res["network"]["initial"])
+        for (W0, b0), (W, b) in zip(base, init):
+            assert np.linalg.norm(W - W0) == pytest.approx(0.01, rel=1e-12)
+            assert np.linalg.norm(b - b0) == pytest.approx(0.01, rel=1e-12)
+    first = [store.read_layers(r["network"]["initial"])[0][0] for r in starts]
+    assert not np.allclose(first[0], first[1])  # seeds give independent directions
+    keep = next(r for r in table if r["experiment"] == "keep-all")
+    assert keep["cost_initial"] > 1e-8  # the all-keep pattern is not a zero-cost start
