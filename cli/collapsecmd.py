@@ -69,7 +69,7 @@ def register(app):
                 workers,
                 dask,
                 scheduler,
-                str(scheduler_file) if scheduler_file else None,
+                scheduler_file,
                 shard,
             )
             run_kind("collapse", spec, names, out, force, as_json, quiet, execution)

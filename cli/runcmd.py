@@ -60,7 +60,8 @@ class Execution:
         from dlmin.core.executors import parse_shard
 
         self.workers, self.dask = workers, dask
-        self.scheduler, self.scheduler_file = scheduler, scheduler_file
+        self.scheduler = scheduler
+        self.scheduler_file = str(scheduler_file) if scheduler_file else None
         try:
             self.shard = parse_shard(shard) if shard else None
         except ValueError as exc:
@@ -149,7 +150,7 @@ def _kind_command(app, kind, doc):
             workers,
             dask,
             scheduler,
-            str(scheduler_file) if scheduler_file else None,
+            scheduler_file,
             shard,
         )
         run_kind(kind, spec, names, out, force, as_json, quiet, execution)

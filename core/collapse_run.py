@@ -20,13 +20,14 @@ from .runs import (
     _finish,
     _finite_or_none,
     _open_writer,
-    _write_spec_and_data,
+    _write_data,
     base_summary,
+    clamped,
     deep_construction,
     flow_options,
-    flow_targets,
-    initial_params,
+    flow_start,
     make_dataset,
+    write_flow_start,
 )
 
 ROW_KEYS = (
@@ -61,8 +62,6 @@ def run_collapse(run, progress=None):
     of = cfg.collapse.of
     w = _open_writer(run, source=of)
     try:
-        w.array("spec", "run", run.spec_text)
-        w.array("spec", "source", run.source_text, file=run.spec_file)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", nc.CollapseWarning)
             status, message = SOURCES[of](w, summary, run, base_dir, progress)
@@ -84,7 +83,7 @@ def run_collapse(run, progress=None):
 def _of_construct(w, summary, run, base_dir, progress):
     cfg = run.config
     ds = make_dataset(cfg.data, run.rng("data"), base_dir)
-    _write_spec_and_data(w, run, ds)
+    _write_data(w, ds)
     result = deep_construction(ds, cfg.construct, cfg.network.hidden)
     if not result.layers:
         return (
@@ -157,12 +156,8 @@ def _of_flow(w, summary, run, base_dir, progress):
     from . import flows
 
     cfg = run.config
-    ds = make_dataset(cfg.data, run.rng("data"), base_dir)
-    _write_spec_and_data(w, run, ds)
-    Y = flow_targets(cfg, ds)
-    w.array("data", "targets", Y)
-    params = initial_params(cfg, ds, run.rng("init"), base_dir)
-    store.store_layers(w, "network/initial", params)
+    ds, Y, params = flow_start(run, base_dir)
+    write_flow_start(w, ds, Y, params)
     options = flow_options(cfg.flow)
     options.store_theta = True
     result = flows.integrate(params, ds.X, Y, options, cfg.network.activation)
@@ -262,7 +257,7 @@ def _of_effective(w, summary, run, base_dir, progress):
         method=e.method,
         freeze_R=e.freeze_R,
         record=e.record,
-        progress=None if progress is None else (lambda s, T: progress(min(s, T), T)),
+        progress=clamped(progress),
     )
     for c, pts in enumerate(scen.clusters):
         w.array("effective/clusters", f"cluster{c}", pts)
@@ -336,15 +331,16 @@ def _along_orbit(
     # collapse/: the last hidden layer against s; collapse/by_layer/: (time, layer)
     s = np.asarray(traj["s"])
     w.array("collapse", "s", s)
+    dicts = [[r.as_dict() for r in row] for row in per_time]  # each once
     for key in _numeric_keys(per_time[0][0]):
-        table = np.array([[_num(r.as_dict()[key]) for r in row] for row in per_time])
+        table = np.array([[_num(d[key]) for d in row] for row in dicts])
         w.array("collapse", key, table[:, -2])
         w.array("collapse/by_layer", key, table, axes="time, layer")
     names = _layer_names(len(per_time[0]))
     w.array("collapse/by_layer", "layer_name", np.array(names))
     w.set_attrs("collapse", layer=names[-2], options=_options_of(per_time[0][0]))
     summary.update(_row(per_time[-1][-2]))
-    summary["nc1_initial"] = _finite_or_none(per_time[0][-2].as_dict()["nc1"])
+    summary["nc1_initial"] = _finite_or_none(dicts[0][-2]["nc1"])
     summary["times"] = len(per_time)
     summary["measured_layer"] = "last hidden, final time"
 
@@ -390,8 +386,9 @@ def _store_rows(w, group, results, names):
     """One array per numeric metric along the layers (``layer``, ``layer_name``)."""
     w.array(group, "layer", np.arange(len(results)))
     w.array(group, "layer_name", np.array(names))
+    dicts = [r.as_dict() for r in results]
     for key in _numeric_keys(results[0]):
-        w.array(group, key, np.array([_num(r.as_dict()[key]) for r in results]))
+        w.array(group, key, np.array([_num(d[key]) for d in dicts]))
     w.set_attrs(group, options=_options_of(results[0]))
 
 

@@ -226,6 +226,15 @@ class Conditions:
     def ok(self):
         return not self.failures
 
+    @property
+    def buildable(self):
+        """Cone layers exist: independent means and every angle finite, below pi."""
+        return (
+            self.rank == len(self.theta_j)
+            and bool(np.isfinite(self.theta_j).all())
+            and self.theta_star < np.pi
+        )
+
     def as_dict(self):
         return {
             "delta": self.delta,
@@ -442,18 +451,53 @@ def build_clustered(
     Q = Y.shape[0]
     check_build_args(X, labels, Y, mu_factor, order, hidden_layers)
     cond = clustered_conditions(X, labels, radius, theta0, Q)
-    hard = (
-        cond.rank < Q or not np.isfinite(cond.theta_j).all() or cond.theta_star >= np.pi
-    )
-    if cond.failures and (strict or hard):
+    if cond.failures and (strict or not cond.buildable):
         return Construction("failed", "; ".join(cond.failures), cond)
+    return build_cones(
+        X,
+        labels,
+        Y,
+        cond,
+        order=order,
+        hidden_layers=hidden_layers,
+        mu_factor=mu_factor,
+        intercept=intercept,
+        keep_rows=keep_rows,
+        progress=progress,
+    )
 
+
+def build_cones(
+    X,
+    labels,
+    Y,
+    cond,
+    *,
+    order=None,
+    hidden_layers=None,
+    mu_factor=MU_FACTOR,
+    intercept=False,
+    keep_rows=None,
+    progress=None,
+    basis=None,
+    result=None,
+):
+    """Collapse each class by its cone layer, certify, fit the output layer.
+
+    The shared body of :func:`build_clustered` and of the reduced-width
+    construction: with ``basis`` ``U`` of shape (dim, k) every layer acts in
+    the span of ``U`` (``k`` rows). ``result`` is the Construction class to
+    return (default :class:`Construction`). Arguments as in
+    :func:`build_clustered`; ``cond`` from :func:`clustered_conditions`.
+    """
+    result = Construction if result is None else result
+    Q = Y.shape[0]
     order = list(range(Q)) if order is None else [int(j) for j in order]
     L = Q if hidden_layers is None else int(hidden_layers)
     stats = class_stats(X, labels, Q)
     rows = np.arange(X.shape[0]) if keep_rows is None else np.asarray(keep_rows)
     margin = CERT_MARGIN_REL * max(1.0, float(np.abs(X).max()))
-    W_theta_lam = tr.squeeze_factor(cond.theta_star, X.shape[1])
+    width = X.shape[1] if basis is None else basis.shape[1]
 
     X_cur, truncated = X, [X[rows]]
     apexes = np.full((Q, X.shape[1]), np.nan)
@@ -461,12 +505,11 @@ def build_clustered(
     n_cone = min(L, Q)
     for step, j in enumerate(order[:n_cone]):
         p = stats.means[j] + mu_factor * cond.radius * cond.f[j]
-        W, b = tr.cone_layer(p, cond.f[j], cond.theta_star)
+        W, b = tr.cone_layer(p, cond.f[j], cond.theta_star, basis=basis)
         Z = X_cur @ W.T + b
         ok, m_col, m_keep = tr.certify_z(Z, labels == j, margin)
-        earlier = apexes[order[:step]]
         if step:
-            m_keep = min(m_keep, float((earlier @ W.T + b).min()))
+            m_keep = min(m_keep, float((apexes[order[:step]] @ W.T + b).min()))
             ok = ok and m_keep >= margin
         if not ok:
             failures.append(certificate_failure(step, j, m_col, m_keep, margin))
@@ -481,7 +524,7 @@ def build_clustered(
     try:
         fit = fit_output(X_cur, labels, Y, intercept)
     except ValueError as exc:  # keep any certificate failure that caused it
-        return Construction(
+        return result(
             "failed",
             "; ".join(failures + [str(exc)]),
             cond,
@@ -500,14 +543,14 @@ def build_clustered(
 
     out = forward_relu(layers, X)
     via_truncation = X_cur @ fit.A.T + fit.c
-    notes = failures or cond.failures
+    notes = failures or list(cond.failures)
     if n_cone < Q:
         notes = notes + [
             f"only {n_cone} of {Q} classes collapsed with {L} hidden layers"
         ]
     if progress is not None:
         progress(n_cone + 1, n_cone + 1)
-    return Construction(
+    return result(
         status="failed" if failures else "ok",
         message="; ".join(notes),
         conditions=cond,
@@ -522,7 +565,7 @@ def build_clustered(
         truncated=truncated,
         composition_error=float(np.abs(out - via_truncation).max()),
         output_fit=fit,
-        lam=W_theta_lam,
+        lam=tr.squeeze_factor(cond.theta_star, width),
     )
 
 

@@ -144,7 +144,7 @@ def build_collapse_keep(
     )
     Q = Y.shape[0]
     cond = cs.clustered_conditions(X, labels, radius, theta0, Q)
-    if _hard_failure(cond, Q):
+    if not cond.buildable:
         return PatternResult(s, "failed", "; ".join(cond.failures))
     stats = cs.class_stats(X, labels, Q)
     shifts = _shifts(s, cond, X.shape[1], mu_factor, nu_factor, nu_rule, mu, nu)
@@ -179,13 +179,6 @@ def build_collapse_keep(
     if failures:
         result.status, result.message = "failed", "; ".join(failures)
     return result
-
-
-def _hard_failure(cond, Q):
-    """Assumptions whose failure leaves no cone layer to build."""
-    return (
-        cond.rank < Q or not np.isfinite(cond.theta_j).all() or cond.theta_star >= np.pi
-    )
 
 
 def _cost(layers, X, labels, Y):

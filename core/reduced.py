@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import construct as cs
-from . import truncation as tr
 
 
 @dataclass
@@ -79,73 +78,30 @@ def build_clustered_reduced(
     Q = Y.shape[0]
     cs.check_build_args(X, labels, Y, mu_factor, order, hidden_layers)
     cond = cs.clustered_conditions(X, labels, radius, theta0, Q)
-    hard = (
-        cond.rank < Q or not np.isfinite(cond.theta_j).all() or cond.theta_star >= np.pi
-    )
-    if cond.failures and (strict or hard):
+    if cond.failures and (strict or not cond.buildable):
         return ReducedConstruction("failed", "; ".join(cond.failures), cond)
-
-    order = list(range(Q)) if order is None else [int(j) for j in order]
-    L = Q if hidden_layers is None else int(hidden_layers)
-    stats = cs.class_stats(X, labels, Q)
-    U = mean_basis(stats.means)
-    rows = np.arange(X.shape[0]) if keep_rows is None else np.asarray(keep_rows)
-    n_cone = min(L, Q)
-    X_cur, cumulative, apexes, margins, failures, truncated = _cone_layers(
-        X, labels, order[:n_cone], stats, cond, U, mu_factor, rows, progress
-    )
-
-    try:
-        fit = cs.fit_output(X_cur, labels, Y, intercept)
-    except ValueError as exc:
-        return ReducedConstruction(
-            "failed",
-            "; ".join(failures + [str(exc)]),
-            cond,
-            apexes=apexes,
-            order=order,
-            margins=np.array(margins).reshape(-1, 2),
-            certified=not failures,
-            truncated=truncated,
-            basis=U,
-        )
-    cumulative.append((fit.A, fit.c))
-    Wc = [W for W, _ in cumulative]
-    Ws, bs = tr.layers_from_cumulative(
-        Wc, [b for _, b in cumulative], check_nested=True
-    )
-    layers = list(zip(Ws, bs))
-    round_trip = _round_trip_error(layers, Wc)
-    cumulative, layers = cs.pad_identity(cumulative, layers, L - n_cone)
-
-    out = cs.forward_relu(layers, X)
-    notes = failures or list(cond.failures)
-    if n_cone < Q:
-        notes = notes + [
-            f"only {n_cone} of {Q} classes collapsed with {L} hidden layers"
-        ]
-    if progress is not None:
-        progress(n_cone + 1, n_cone + 1)
-    return ReducedConstruction(
-        status="failed" if failures else "ok",
-        message="; ".join(notes),
-        conditions=cond,
-        layers=layers,
-        cumulative=cumulative,
-        apexes=apexes,
+    U = mean_basis(cs.class_stats(X, labels, Q).means)
+    res = cs.build_cones(
+        X,
+        labels,
+        Y,
+        cond,
         order=order,
-        margins=np.array(margins).reshape(-1, 2),
-        certified=not failures,
-        costs=cs.all_costs(out, labels, Y),
-        max_output_error=cs.max_output_error(out, labels, Y),
-        truncated=truncated,
-        composition_error=float(np.abs(out - (X_cur @ fit.A.T + fit.c)).max()),
-        output_fit=fit,
-        lam=tr.squeeze_factor(cond.theta_star, Q),
+        hidden_layers=hidden_layers,
+        mu_factor=mu_factor,
+        intercept=intercept,
+        keep_rows=keep_rows,
+        progress=progress,
         basis=U,
-        widths=[X.shape[1]] + [W.shape[0] for W, _ in layers],
-        round_trip_error=round_trip,
+        result=ReducedConstruction,
     )
+    res.basis = U
+    if res.layers:
+        res.widths = [X.shape[1]] + [W.shape[0] for W, _ in res.layers]
+        res.round_trip_error = _round_trip_error(
+            res.layers, [W for W, _ in res.cumulative]
+        )
+    return res
 
 
 def mean_basis(means):
@@ -157,32 +113,6 @@ def mean_basis(means):
     """
     U, _ = np.linalg.qr(np.asarray(means, dtype=float).T)
     return U
-
-
-def _cone_layers(X, labels, order, stats, cond, U, mu_factor, rows, progress):
-    """Apply the narrow cone layers of ``order`` and certify each."""
-    margin = cs.CERT_MARGIN_REL * max(1.0, float(np.abs(X).max()))
-    apexes = np.full(stats.means.shape, np.nan)
-    X_cur, truncated = X, [X[rows]]
-    cumulative, margins, failures = [], [], []
-    for step, j in enumerate(order):
-        p = stats.means[j] + mu_factor * cond.radius * cond.f[j]
-        W, b = tr.cone_layer(p, cond.f[j], cond.theta_star, basis=U)
-        Z = X_cur @ W.T + b
-        ok, m_col, m_keep = tr.certify_z(Z, labels == j, margin)
-        if step:
-            m_keep = min(m_keep, float((apexes[order[:step]] @ W.T + b).min()))
-            ok = ok and m_keep >= margin
-        if not ok:
-            failures.append(cs.certificate_failure(step, j, m_col, m_keep, margin))
-        margins.append((m_col, m_keep))
-        X_cur = tr.truncate_z(W, b, Z)
-        truncated.append(X_cur[rows])
-        apexes[j] = p
-        cumulative.append((W, b))
-        if progress is not None:
-            progress(step + 1, len(order) + 1)
-    return X_cur, cumulative, apexes, margins, failures, truncated
 
 
 def _round_trip_error(layers, Wc):

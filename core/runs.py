@@ -131,7 +131,8 @@ def skipped_summary(run):
 
 
 def _open_writer(run, **attrs):
-    return store.ResultWriter(
+    """A run's result writer, with its provenance and spec already written."""
+    w = store.ResultWriter(
         run.path,
         kind=run.kind,
         experiment=run.experiment,
@@ -142,11 +143,12 @@ def _open_writer(run, **attrs):
         point=run.point,
         **attrs,
     )
-
-
-def _write_spec_and_data(w, run, ds):
     w.array("spec", "run", run.spec_text)
     w.array("spec", "source", run.source_text, file=run.spec_file)
+    return w
+
+
+def _write_data(w, ds):
     w.array("data", "X", ds.X)
     w.array("data", "labels", ds.labels)
     w.array("data", "Y", ds.Y)
@@ -180,7 +182,7 @@ def run_construct(run, progress=None):
     hidden = cfg.network.hidden
     w = _open_writer(run, method=copt.method)
     try:
-        _write_spec_and_data(w, run, ds)
+        _write_data(w, ds)
         problem = hidden_problem(
             copt.method, copt.reduced_width, hidden, ds.X.shape[1], ds.n_classes
         )
@@ -380,7 +382,6 @@ def _finish(w, summary, status, message):
 
 def _fail_without_data(run, summary, message):
     with _open_writer(run) as w:
-        w.array("spec", "run", run.spec_text)
         _finish(w, summary, "failed", message)
     return summary
 
@@ -599,6 +600,28 @@ def flow_options(fcfg):
     )
 
 
+def flow_start(run, base_dir):
+    """Data, per-sample targets and initial weights of a run that trains a network."""
+    cfg = run.config
+    ds = make_dataset(cfg.data, run.rng("data"), base_dir)
+    Y = flow_targets(cfg, ds)
+    return ds, Y, initial_params(cfg, ds, run.rng("init"), base_dir)
+
+
+def write_flow_start(w, ds, Y, params):
+    """Store the data, the targets and the initial network of a flow."""
+    _write_data(w, ds)
+    w.array("data", "targets", Y)
+    store.store_layers(w, "network/initial", params)
+
+
+def clamped(progress):
+    """A flow's ``progress(s, s_max)`` that never reports past ``s_max``."""
+    if progress is None:
+        return None
+    return lambda s, s_max: progress(min(s, s_max), s_max)
+
+
 def run_flow(run, progress=None):
     """Integrate the run's gradient flow, streaming the orbit into its file."""
     from . import flows, network
@@ -607,17 +630,13 @@ def run_flow(run, progress=None):
     summary = base_summary(run)
     base_dir = Path(run.spec_file).parent
     try:
-        ds = make_dataset(cfg.data, run.rng("data"), base_dir)
-        Y = flow_targets(cfg, ds)
-        params = initial_params(cfg, ds, run.rng("init"), base_dir)
+        ds, Y, params = flow_start(run, base_dir)
         options = flow_options(cfg.flow)
     except (data_mod.DataError, RunFailure, OSError, ValueError) as exc:
         return _fail_without_data(run, summary, str(exc))
     w = _open_writer(run, flow_kind=cfg.flow.kind, loss=cfg.flow.loss)
     try:
-        _write_spec_and_data(w, run, ds)
-        w.array("data", "targets", Y)
-        store.store_layers(w, "network/initial", params)
+        write_flow_start(w, ds, Y, params)
         widths = network.widths_of(params)
         w.set_attrs("network", activation=cfg.network.activation, widths=widths)
 
@@ -625,10 +644,6 @@ def run_flow(run, progress=None):
             for key, value in rec.items():
                 w.append("trajectory", key, value)
             w.flush()
-
-        def on_step(s, s_max):
-            if progress is not None:
-                progress(min(s, s_max), s_max)
 
         try:
             result = flows.integrate(
@@ -638,16 +653,14 @@ def run_flow(run, progress=None):
                 options,
                 cfg.network.activation,
                 on_record=on_record,
-                progress=on_step,
+                progress=clamped(progress),
             )
         except ValueError as exc:
             return _finish(w, summary, "failed", str(exc))
         store.store_layers(w, "network", result.params)
-        summary.update(_flow_scalars(result))
-        w.set_attrs(
-            "metrics",
-            **{k: v for k, v in summary.items() if k not in base_summary(run)},
-        )
+        scalars = _flow_scalars(result)
+        summary.update(scalars)
+        w.set_attrs("metrics", **scalars)
         w.set_attrs(
             "trajectory",
             cost_kind="flow: |x - y|^2 / (2N)"

@@ -21,11 +21,10 @@ from .runs import (
     _finish,
     _finite_or_none,
     _open_writer,
-    _write_spec_and_data,
     base_summary,
-    flow_targets,
-    initial_params,
-    make_dataset,
+    clamped,
+    flow_start,
+    write_flow_start,
 )
 
 ROW_KEYS = (
@@ -76,8 +75,6 @@ def run_trap(run, progress=None):
     base_dir = Path(run.spec_file).parent
     w = _open_writer(run, source="stored orbit" if tcfg.path else "integrated")
     try:
-        w.array("spec", "run", run.spec_text)
-        w.array("spec", "source", run.source_text, file=run.spec_file)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", tp.BoundViolationWarning)
             result = (_from_file if tcfg.path else _integrated)(
@@ -108,9 +105,7 @@ def run_trap(run, progress=None):
 
 def _integrated(w, run, base_dir, progress):
     cfg, tcfg = run.config, run.config.trap
-    ds = make_dataset(cfg.data, run.rng("data"), base_dir)
-    Y = flow_targets(cfg, ds)
-    params = initial_params(cfg, ds, run.rng("init"), base_dir)
+    ds, Y, params = flow_start(run, base_dir)
     X = ds.X
     if tcfg.scenario is not None:
         params, X, Y = tp.apply_scenario(
@@ -123,9 +118,7 @@ def _integrated(w, run, base_dir, progress):
             **tcfg.scenario.knobs(),
         )
         ds.X = np.asarray(X)
-    _write_spec_and_data(w, run, ds)
-    w.array("data", "targets", Y)
-    store.store_layers(w, "network/initial", params)
+    write_flow_start(w, ds, Y, params)
     result = tp.trap(
         params,
         X,
@@ -137,7 +130,7 @@ def _integrated(w, run, base_dir, progress):
         threshold=tcfg.threshold,
         compare_damping=tcfg.compare_damping,
         grid_points=tcfg.grid_points,
-        progress=None if progress is None else (lambda s, T: progress(min(s, T), T)),
+        progress=clamped(progress),
     )
     if result.flow is not None:
         store.store_layers(w, "network", result.flow.params)

@@ -17,13 +17,14 @@ from .runs import (
     RunFailure,
     _finish,
     _open_writer,
-    _write_spec_and_data,
+    _write_data,
     base_summary,
+    clamped,
     deep_construction,
     flow_options,
-    flow_targets,
-    initial_params,
+    flow_start,
     make_dataset,
+    write_flow_start,
 )
 
 
@@ -34,8 +35,6 @@ def run_truncate(run, progress=None):
     base_dir = Path(run.spec_file).parent
     w = _open_writer(run, source=cfg.truncate.of)
     try:
-        w.array("spec", "run", run.spec_text)
-        w.array("spec", "source", run.source_text, file=run.spec_file)
         view, over, labels, n, message = SOURCES[cfg.truncate.of](
             w, run, base_dir, progress
         )
@@ -54,12 +53,8 @@ def _of_flow(w, run, base_dir, progress):
     from . import flows, network
 
     cfg = run.config
-    ds = make_dataset(cfg.data, run.rng("data"), base_dir)
-    _write_spec_and_data(w, run, ds)
-    Y = flow_targets(cfg, ds)
-    w.array("data", "targets", Y)
-    params = initial_params(cfg, ds, run.rng("init"), base_dir)
-    store.store_layers(w, "network/initial", params)
+    ds, Y, params = flow_start(run, base_dir)
+    write_flow_start(w, ds, Y, params)
     options = flow_options(cfg.flow)
     options.store_theta = True
     result = flows.integrate(
@@ -68,7 +63,7 @@ def _of_flow(w, run, base_dir, progress):
         Y,
         options,
         cfg.network.activation,
-        progress=None if progress is None else (lambda s, T: progress(min(s, T), T)),
+        progress=clamped(progress),
     )
     for key, value in result.records.items():
         w.array("trajectory", key, np.asarray(value))
@@ -92,7 +87,7 @@ def _of_flow(w, run, base_dir, progress):
 def _of_construct(w, run, base_dir, progress):
     cfg = run.config
     ds = make_dataset(cfg.data, run.rng("data"), base_dir)
-    _write_spec_and_data(w, run, ds)
+    _write_data(w, ds)
     result = deep_construction(ds, cfg.construct, cfg.network.hidden)
     if not result.layers:
         raise RunFailure(f"the construction failed, nothing to view: {result.message}")
