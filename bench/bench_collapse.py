@@ -31,8 +31,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 CLASSES = 10
 CHUNK_ROWS = 32768
-SIGMA = 0.5      # within-class noise, against class means of norm 5
-OFFSET = 20.0    # common offset, so centring is exercised
+SIGMA = 0.5  # within-class noise, against class means of norm 5
+OFFSET = 20.0  # common offset, so centring is exercised
 
 
 def class_means(dim):
@@ -67,12 +67,17 @@ def write_npy(folder, points, dim):
     """Write features, labels, predictions as .npy files, chunk by chunk."""
     fmt = np.lib.format
     paths = [folder / f"{name}.npy" for name in ("h", "y", "p")]
-    specs = [((points, dim), np.float32), ((points,), np.int64),
-             ((points,), np.int64)]
+    specs = [((points, dim), np.float32), ((points,), np.int64), ((points,), np.int64)]
     handles = [open(p, "wb") for p in paths]
     for fh, (shape, dtype) in zip(handles, specs):
-        fmt.write_array_header_1_0(fh, {"descr": fmt.dtype_to_descr(
-            np.dtype(dtype)), "fortran_order": False, "shape": shape})
+        fmt.write_array_header_1_0(
+            fh,
+            {
+                "descr": fmt.dtype_to_descr(np.dtype(dtype)),
+                "fortran_order": False,
+                "shape": shape,
+            },
+        )
     for parts in generated_factory(points, dim)():
         for fh, part in zip(handles, parts):
             fh.write(np.ascontiguousarray(part).tobytes())
@@ -85,9 +90,13 @@ def child(mode, points, dim, folder):
     """Run one source and print its record as JSON."""
     from dlmin.core.collapse import collapse_metrics_streaming, npy_chunks
 
-    factory = generated_factory(points, dim) if mode == "generated" else \
-        npy_chunks(*[Path(folder) / f"{n}.npy" for n in ("h", "y", "p")],
-                   chunk_rows=CHUNK_ROWS)
+    factory = (
+        generated_factory(points, dim)
+        if mode == "generated"
+        else npy_chunks(
+            *[Path(folder) / f"{n}.npy" for n in ("h", "y", "p")], chunk_rows=CHUNK_ROWS
+        )
+    )
     start = time.perf_counter()
     for _ in factory():
         pass
@@ -96,18 +105,40 @@ def child(mode, points, dim, folder):
     res = collapse_metrics_streaming(factory)
     wall = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    keys = ("nc1", "nc1_quotient", "cdnv", "rank", "ncc_acc", "ncc_mismatch",
-            "equinorm_means", "etf_gap_means")
-    print(json.dumps({
-        "wall_s": round(wall, 2), "one_read_s": round(read_once, 2),
-        "metric_overhead_s": round(wall - 2 * read_once, 2),
-        "peak_rss_mib": round(peak, 1),
-        "metrics": {k: res.as_dict()[k] for k in keys}}))
+    keys = (
+        "nc1",
+        "nc1_quotient",
+        "cdnv",
+        "rank",
+        "ncc_acc",
+        "ncc_mismatch",
+        "equinorm_means",
+        "etf_gap_means",
+    )
+    print(
+        json.dumps({
+            "wall_s": round(wall, 2),
+            "one_read_s": round(read_once, 2),
+            "metric_overhead_s": round(wall - 2 * read_once, 2),
+            "peak_rss_mib": round(peak, 1),
+            "metrics": {k: res.as_dict()[k] for k in keys},
+        })
+    )
 
 
 def run_child(mode, points, dim, folder):
-    cmd = [sys.executable, __file__, "--child", mode, "--points", str(points),
-           "--dim", str(dim), "--folder", str(folder)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        mode,
+        "--points",
+        str(points),
+        "--dim",
+        str(dim),
+        "--folder",
+        str(folder),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{proc.stdout}\n{proc.stderr}")
@@ -124,12 +155,18 @@ def main():
     if args.child:
         return child(args.child, args.points, args.dim, args.folder)
 
-    record = {"points": args.points, "dim": args.dim, "classes": CLASSES,
-              "chunk_rows": CHUNK_ROWS, "feature_dtype": "float32",
-              "machine": platform.platform(),
-              "python": platform.python_version(), "numpy": np.__version__,
-              "cpus": len(os.sched_getaffinity(0)),
-              "load_average_before": os.getloadavg()}
+    record = {
+        "points": args.points,
+        "dim": args.dim,
+        "classes": CLASSES,
+        "chunk_rows": CHUNK_ROWS,
+        "feature_dtype": "float32",
+        "machine": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "cpus": len(os.sched_getaffinity(0)),
+        "load_average_before": os.getloadavg(),
+    }
     record["generated"] = run_child("generated", args.points, args.dim, "")
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()

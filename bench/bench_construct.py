@@ -36,8 +36,11 @@ def run_cli(spec, out):
     """Wall time and the child's peak RSS (MiB) of one `dlmin construct`."""
     exe = Path(sys.executable).with_name("dlmin")
     start = time.perf_counter()
-    proc = subprocess.run([str(exe), "construct", str(spec), "-o", str(out), "--force",
-                           "--json", "-q"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(exe), "construct", str(spec), "-o", str(out), "--force", "--json", "-q"],
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"dlmin construct failed:\n{proc.stdout}\n{proc.stderr}")
@@ -55,7 +58,9 @@ def core_only(per_class, repeats):
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        result = construct.build_clustered(ds.X, ds.labels, ds.Y, keep_rows=np.arange(1000))
+        result = construct.build_clustered(
+            ds.X, ds.labels, ds.Y, keep_rows=np.arange(1000)
+        )
         times.append(time.perf_counter() - start)
     assert result.status == "ok", result.message
     return statistics.median(times), result.costs["C_N"]
@@ -77,25 +82,37 @@ def main():
     core_time, core_cost = core_only(per_class, args.repeats)
     record = {
         "benchmark": "construct",
-        "points": per_class * 10, "classes": 10, "dim": 10,
-        "cli_wall_s_median": statistics.median(walls), "cli_wall_s_all": walls,
+        "points": per_class * 10,
+        "classes": 10,
+        "dim": 10,
+        "cli_wall_s_median": statistics.median(walls),
+        "cli_wall_s_all": walls,
         "cli_peak_rss_mib": max(r[1] for r in runs),
         "core_build_s_median": core_time,
-        "cost": row["cost"], "certified": row["certified"],
+        "cost": row["cost"],
+        "certified": row["certified"],
         "heldout_max_output_error": row["heldout_max_output_error"],
         "core_cost": core_cost,
-        "machine": {"python": platform.python_version(), "cpu": platform.processor(),
-                    "system": platform.platform()},
+        "machine": {
+            "python": platform.python_version(),
+            "cpu": platform.processor(),
+            "system": platform.platform(),
+        },
     }
     out = HERE / "results" / "construct.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"construct, {record['points']} points, Q = M = 10")
-    print(f"  dlmin construct (whole command): median {record['cli_wall_s_median']:.2f} s "
-          f"of {args.repeats}, peak RSS {record['cli_peak_rss_mib']:.0f} MiB")
+    print(
+        f"  dlmin construct (whole command): median "
+        f"{record['cli_wall_s_median']:.2f} s of {args.repeats}, "
+        f"peak RSS {record['cli_peak_rss_mib']:.0f} MiB"
+    )
     print(f"  build_clustered alone:           median {core_time:.2f} s")
-    print(f"  C_N = {row['cost']:.3g}, certified = {row['certified']}, held-out max error "
-          f"= {row['heldout_max_output_error']:.3g}")
+    print(
+        f"  C_N = {row['cost']:.3g}, certified = {row['certified']}, "
+        f"held-out max error = {row['heldout_max_output_error']:.3g}"
+    )
     print(f"  recorded in {out.relative_to(HERE.parent)}")
 
 

@@ -82,10 +82,11 @@ class PieceTimer:
     slows the pieces and the whole step alike.
     """
 
-    PIECES = {"kernel": [(nw, "ntk")],
-              "cholesky": [(scipy.linalg, "cho_factor"),
-                           (scipy.linalg, "cho_solve")],
-              "vjp": [(nw, "forward_cache"), (fl, "_pullback")]}
+    PIECES = {
+        "kernel": [(nw, "ntk")],
+        "cholesky": [(scipy.linalg, "cho_factor"), (scipy.linalg, "cho_solve")],
+        "vjp": [(nw, "forward_cache"), (fl, "_pullback")],
+    }
 
     def __init__(self):
         self.seconds = dict.fromkeys(self.PIECES, 0.0)
@@ -110,14 +111,21 @@ class PieceTimer:
                 return fn(*args, **kwargs)
             finally:
                 self.seconds[piece] += time.perf_counter() - start
+
         return timed
 
 
 def adapted_run(X, Y, params, steps):
     """Wall time of an adapted Euler run and the time of its pieces."""
-    opts = fl.FlowOptions(kind="adapted", solver="euler", step=ADAPTED_STEP,
-                          time=steps * ADAPTED_STEP, record=2,
-                          spectrum=False, store_theta=False)
+    opts = fl.FlowOptions(
+        kind="adapted",
+        solver="euler",
+        step=ADAPTED_STEP,
+        time=steps * ADAPTED_STEP,
+        record=2,
+        spectrum=False,
+        store_theta=False,
+    )
     with PieceTimer() as timer:
         result = fl.integrate(params, X, Y, opts, activation=ACTIVATION)
     assert result.status == "ok" and result.steps == steps, result.message
@@ -136,8 +144,7 @@ def bench_adapted(X, Y, params, repeats):
         inside = row["kernel_s"] + row["cholesky_s"] + row["vjp_s"]
         row["outside_share"] = 1.0 - inside / row["step_s"]
         rows.append(row)
-    out = {key: statistics.median(row[key] for row in rows)
-           for key in rows[0]}
+    out = {key: statistics.median(row[key] for row in rows) for key in rows[0]}
     out["outside_share_all"] = [row["outside_share"] for row in rows]
     out["step_s_all"] = [row["step_s"] for row in rows]
     return out
@@ -159,9 +166,16 @@ def learning_rate(X, params):
 
 
 def dlmin_descent(X, Y, params, lr, target):
-    opts = fl.FlowOptions(kind="standard", solver="euler", step=lr,
-                          time=1e12 * lr, stop_cost=target, record=2,
-                          spectrum=False, store_theta=False)
+    opts = fl.FlowOptions(
+        kind="standard",
+        solver="euler",
+        step=lr,
+        time=1e12 * lr,
+        stop_cost=target,
+        record=2,
+        spectrum=False,
+        store_theta=False,
+    )
     result = fl.integrate(params, X, Y, opts, activation=ACTIVATION)
     assert result.stop_reason == "cost", result.message
     return result.steps, result.cost_final
@@ -247,14 +261,22 @@ def torch_descent(X, Y, params, lr, target, repeats, threads):
         data, script = Path(tmp) / "data.npz", Path(tmp) / "gd.py"
         np.savez(data, **arrays)
         script.write_text(TORCH_SCRIPT)
-        proc = subprocess.run([python, str(script), str(data), str(threads),
-                               str(repeats)], capture_output=True, text=True)
+        proc = subprocess.run(
+            [python, str(script), str(data), str(threads), str(repeats)],
+            capture_output=True,
+            text=True,
+        )
     if proc.returncode != 0:
         print(f"torch run failed, skipped:\n{proc.stderr}", file=sys.stderr)
         return None
     out = json.loads(proc.stdout)
-    return {"s": statistics.median(out["times"]), "steps": out["steps"],
-            "cost": out["cost"], "python": python, "torch": out["torch"]}
+    return {
+        "s": statistics.median(out["times"]),
+        "steps": out["steps"],
+        "cost": out["cost"],
+        "python": python,
+        "torch": out["torch"],
+    }
 
 
 def timed(fn, *args):
@@ -266,8 +288,7 @@ def timed(fn, *args):
 def bench_standard(X, Y, params, repeats):
     """The three descents, interleaved repeat by repeat against drift."""
     lr = learning_rate(X, params)
-    cost0 = fl.cost_and_gradient(nw.forward(params, X, activation=ACTIVATION),
-                                 Y)[0]
+    cost0 = fl.cost_and_gradient(nw.forward(params, X, activation=ACTIVATION), Y)[0]
     target = cost0 / REDUCTION
     args = (X, Y, params, lr, target)
     runs = {"dlmin": [], "numpy": [], "torch": []}
@@ -277,12 +298,21 @@ def bench_standard(X, Y, params, repeats):
         runs["torch"].append(torch_descent(*args, 1, blas_threads()))
     out = {"lr": lr, "cost_initial": cost0, "target": target}
     for name, rows in runs.items():
-        out[name] = None if rows[0] is None else {
-            "s": statistics.median(row["s"] for row in rows),
-            "s_all": [row["s"] for row in rows],
-            "steps": rows[-1]["steps"], "cost": rows[-1]["cost"],
-            **{k: v for k, v in rows[-1].items()
-               if k not in ("s", "s_all", "steps", "cost")}}
+        out[name] = (
+            None
+            if rows[0] is None
+            else {
+                "s": statistics.median(row["s"] for row in rows),
+                "s_all": [row["s"] for row in rows],
+                "steps": rows[-1]["steps"],
+                "cost": rows[-1]["cost"],
+                **{
+                    k: v
+                    for k, v in rows[-1].items()
+                    if k not in ("s", "s_all", "steps", "cost")
+                },
+            }
+        )
     return out
 
 
@@ -291,8 +321,9 @@ def blas_threads():
         from threadpoolctl import threadpool_info
     except ImportError:
         return os.cpu_count()
-    counts = [info["num_threads"] for info in threadpool_info()
-              if info["user_api"] == "blas"]
+    counts = [
+        info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"
+    ]
     return max(counts) if counts else os.cpu_count()
 
 
@@ -303,29 +334,39 @@ def blas_threads():
 
 def print_table(record):
     a, s = record["adapted_step"], record["standard_run"]
-    print(f"flow benchmark: N = {N}, Q = {Q}, inputs R^{DIM}, hidden "
-          f"{list(HIDDEN)} {ACTIVATION}, K = {record['K']}, QN = {N * Q}")
-    print(f"machine: {record['machine']['cores']} cores, BLAS threads "
-          f"{record['machine']['blas_threads']}, load average before "
-          f"{record['machine']['load_before']:.2f}")
+    print(
+        f"flow benchmark: N = {N}, Q = {Q}, inputs R^{DIM}, hidden "
+        f"{list(HIDDEN)} {ACTIVATION}, K = {record['K']}, QN = {N * Q}"
+    )
+    print(
+        f"machine: {record['machine']['cores']} cores, BLAS threads "
+        f"{record['machine']['blas_threads']}, load average before "
+        f"{record['machine']['load_before']:.2f}"
+    )
     print("\nadapted flow, one step (median):")
-    for key, label in [("step_s", "whole step"), ("kernel_s", "kernel build"),
-                       ("cholesky_s", "Cholesky + solve"), ("vjp_s", "VJP")]:
+    for key, label in [
+        ("step_s", "whole step"),
+        ("kernel_s", "kernel build"),
+        ("cholesky_s", "Cholesky + solve"),
+        ("vjp_s", "VJP"),
+    ]:
         print(f"  {label:<18} {1e3 * a[key]:9.1f} ms")
-    print(f"  outside the three  {100 * a['outside_share']:8.1f} %  "
-          "(goal < 10 %)")
-    print(f"\nstandard flow, gradient descent lr = {s['lr']:.4g} to "
-          f"C <= C0/{REDUCTION:g} (C0 = {s['cost_initial']:.4g}):")
-    print(f"  {'':<8} {'median s':>9} {'steps':>7} {'ms/step':>8} "
-          f"{'final C':>11}")
+    print(f"  outside the three  {100 * a['outside_share']:8.1f} %  (goal < 10 %)")
+    print(
+        f"\nstandard flow, gradient descent lr = {s['lr']:.4g} to "
+        f"C <= C0/{REDUCTION:g} (C0 = {s['cost_initial']:.4g}):"
+    )
+    print(f"  {'':<8} {'median s':>9} {'steps':>7} {'ms/step':>8} {'final C':>11}")
     for name in ("dlmin", "numpy", "torch"):
         row = s[name]
         if row is None:
             print(f"  {name:<8} skipped (torch not importable)")
             continue
-        print(f"  {name:<8} {row['s']:9.3f} {row['steps']:7d} "
-              f"{1e3 * row['s'] / max(row['steps'], 1):8.3f} "
-              f"{row['cost']:11.5g}")
+        print(
+            f"  {name:<8} {row['s']:9.3f} {row['steps']:7d} "
+            f"{1e3 * row['s'] / max(row['steps'], 1):8.3f} "
+            f"{row['cost']:11.5g}"
+        )
 
 
 def main():
@@ -335,15 +376,24 @@ def main():
     X, Y, params = problem()
     load = os.getloadavg()[0]
     record = {
-        "benchmark": "flow", "N": N, "Q": Q, "dim": DIM,
-        "hidden": list(HIDDEN), "activation": ACTIVATION,
-        "K": nw.param_count(nw.widths_of(params)), "repeats": args.repeats,
+        "benchmark": "flow",
+        "N": N,
+        "Q": Q,
+        "dim": DIM,
+        "hidden": list(HIDDEN),
+        "activation": ACTIVATION,
+        "K": nw.param_count(nw.widths_of(params)),
+        "repeats": args.repeats,
         "adapted_step": bench_adapted(X, Y, params, args.repeats),
         "standard_run": bench_standard(X, Y, params, args.repeats),
-        "machine": {"python": platform.python_version(),
-                    "system": platform.platform(), "cores": os.cpu_count(),
-                    "blas_threads": blas_threads(), "load_before": load,
-                    "load_after": os.getloadavg()[0]},
+        "machine": {
+            "python": platform.python_version(),
+            "system": platform.platform(),
+            "cores": os.cpu_count(),
+            "blas_threads": blas_threads(),
+            "load_before": load,
+            "load_after": os.getloadavg()[0],
+        },
     }
     out = HERE / "results" / "flow.json"
     out.parent.mkdir(exist_ok=True)

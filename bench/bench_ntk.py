@@ -122,12 +122,9 @@ def kernel_flops(widths, n_samples):
         "backward_pass": sum(
             2 * rows * m_next * m for m, m_next in zip(hidden, hidden[1:])
         ),
-        "activation_grams": sum(
-            n_samples * (n_samples + 1) * m for m in widths[:-1]
-        ),
+        "activation_grams": sum(n_samples * (n_samples + 1) * m for m in widths[:-1]),
         "forward_pass": sum(
-            2 * n_samples * m_in * m_out
-            for m_in, m_out in zip(widths, widths[1:])
+            2 * n_samples * m_in * m_out for m_in, m_out in zip(widths, widths[1:])
         ),
     }
     parts["total"] = sum(parts.values())
@@ -323,7 +320,9 @@ def _neural_tangents_kernel(params, X, implementation, traced):
 
     choice = getattr(nt.NtkImplementation, implementation.upper())
     ntk_fn = nt.empirical_ntk_fn(
-        f, trace_axes=(-1,) if traced else (), vmap_axes=0,
+        f,
+        trace_axes=(-1,) if traced else (),
+        vmap_axes=0,
         implementation=choice,
     )
     rows = X.shape[0] * params[-1][0].shape[0]
@@ -350,9 +349,7 @@ def run_peer(name, problem_path, repeats):
     """Child: time one peer on the stored problem; return a JSON-able dict."""
     with np.load(problem_path) as stored:
         n_layers = sum(1 for key in stored.files if key.startswith("W"))
-        params = [
-            (stored[f"W{l}"], stored[f"b{l}"]) for l in range(1, n_layers + 1)
-        ]
+        params = [(stored[f"W{l}"], stored[f"b{l}"]) for l in range(1, n_layers + 1)]
         X, reference = stored["X"], stored["G"]
     if name.endswith(":traced"):
         # neural-tangents averages over the traced output axis.
@@ -492,34 +489,46 @@ def print_table(record):
     ours = record["dlmin"]["median_s"]
     bound = record["dgemm_bound"]
     print(f"{'what':54s} {'median ms':>10s} {'min ms':>9s} {'vs dlmin':>9s}")
-    print(f"{'dlmin.core.network.ntk':54s} {ours * 1e3:10.2f} "
-          f"{record['dlmin']['min_s'] * 1e3:9.2f} {1:9.2f}")
-    print(f"{'dgemm bound (flops / dgemm rate)':54s} "
-          f"{bound['bound_s'] * 1e3:10.2f} {'':9s} "
-          f"{bound['bound_s'] / ours:9.2f}")
+    print(
+        f"{'dlmin.core.network.ntk':54s} {ours * 1e3:10.2f} "
+        f"{record['dlmin']['min_s'] * 1e3:9.2f} {1:9.2f}"
+    )
+    print(
+        f"{'dgemm bound (flops / dgemm rate)':54s} "
+        f"{bound['bound_s'] * 1e3:10.2f} {'':9s} "
+        f"{bound['bound_s'] / ours:9.2f}"
+    )
     for name, peer in record["peers"].items():
         if "median_s" in peer:
             mark = "" if peer["status"] == "measured" else " (earlier run)"
             mark += " [N x N]" if name.endswith(":traced") else ""
-            print(f"{name + mark:54s} {peer['median_s'] * 1e3:10.2f} "
-                  f"{peer['min_s'] * 1e3:9.2f} {peer['median_s'] / ours:9.2f}")
+            print(
+                f"{name + mark:54s} {peer['median_s'] * 1e3:10.2f} "
+                f"{peer['min_s'] * 1e3:9.2f} {peer['median_s'] / ours:9.2f}"
+            )
         else:
             print(f"{name:54s} {'-':>10s}  {peer['status']}")
-    print(f"ratio dlmin / dgemm bound: {bound['ratio_dlmin_to_bound']:.2f} "
-          f"(flops {bound['flops']:.3e}, dgemm {bound['gflops']:.1f} GFLOP/s "
-          f"on n = {bound['n']})")
+    print(
+        f"ratio dlmin / dgemm bound: {bound['ratio_dlmin_to_bound']:.2f} "
+        f"(flops {bound['flops']:.3e}, dgemm {bound['gflops']:.1f} GFLOP/s "
+        f"on n = {bound['n']})"
+    )
     grams = bound["blocked_grams"]
-    print(f"ntk's Gram GEMMs alone: {grams['median_s'] * 1e3:.2f} ms "
-          f"({grams['gflops']:.1f} GFLOP/s, "
-          f"{grams['ratio_to_bound']:.2f} x bound)")
+    print(
+        f"ntk's Gram GEMMs alone: {grams['median_s'] * 1e3:.2f} ms "
+        f"({grams['gflops']:.1f} GFLOP/s, "
+        f"{grams['ratio_to_bound']:.2f} x bound)"
+    )
     big = record.get("big_case")
     if big and "seconds_first_call" in big:
-        print(f"big case N*Q = {big['kernel_shape'][0]}, "
-              f"K = {big['n_params']}: "
-              f"{big['seconds_second_call']:.2f} s, numpy peak "
-              f"{big['numpy_traced_peak_bytes'] / 2**20:.0f} MiB, process peak "
-              f"RSS {big['process_peak_rss_bytes'] / 2**20:.0f} MiB "
-              f"(explicit D: {big['explicit_jacobian_bytes'] / 2**30:.1f} GiB)")
+        print(
+            f"big case N*Q = {big['kernel_shape'][0]}, "
+            f"K = {big['n_params']}: "
+            f"{big['seconds_second_call']:.2f} s, numpy peak "
+            f"{big['numpy_traced_peak_bytes'] / 2**20:.0f} MiB, process peak "
+            f"RSS {big['process_peak_rss_bytes'] / 2**20:.0f} MiB "
+            f"(explicit D: {big['explicit_jacobian_bytes'] / 2**30:.1f} GiB)"
+        )
 
 
 # --------------------------------------------------------------------------
@@ -562,12 +571,13 @@ def measure_dlmin(repeats):
     params, X = make_problem(WIDTHS, N_SAMPLES)
     flops = kernel_flops(WIDTHS, N_SAMPLES)
     gemm, n, gemm_flops = square_gemm(flops["total"])
-    grams, grams_flops = blocked_grams(
-        WIDTHS, N_SAMPLES, network.NTK_BLOCK_ROWS
-    )
+    grams, grams_flops = blocked_grams(WIDTHS, N_SAMPLES, network.NTK_BLOCK_ROWS)
     timing, noisy = time_interleaved(
-        {"dlmin": lambda: network.ntk(params, X), "dgemm": gemm,
-         "blocked_grams": grams},
+        {
+            "dlmin": lambda: network.ntk(params, X),
+            "dgemm": gemm,
+            "blocked_grams": grams,
+        },
         repeats,
     )
     rate = gemm_flops / timing["dgemm"]["median_s"]
@@ -587,9 +597,7 @@ def measure_dlmin(repeats):
         "flops_executed": grams_flops,
         "median_s": timing["blocked_grams"]["median_s"],
         "gflops": grams_flops / timing["blocked_grams"]["median_s"] / 1e9,
-        "ratio_to_bound": (
-            timing["blocked_grams"]["median_s"] / bound["bound_s"]
-        ),
+        "ratio_to_bound": (timing["blocked_grams"]["median_s"] / bound["bound_s"]),
     }
     dlmin = dict(timing["dlmin"], timed_calls_not_quiet=noisy)
     return params, X, network.ntk(params, X), dlmin, bound
@@ -598,15 +606,18 @@ def measure_dlmin(repeats):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--skip-big", action="store_true",
-                        help="skip the N*Q = 4000 memory check")
-    parser.add_argument("--peers-python", action="append", default=[],
-                        help="another interpreter to try peers in (repeatable)")
+    parser.add_argument(
+        "--skip-big", action="store_true", help="skip the N*Q = 4000 memory check"
+    )
+    parser.add_argument(
+        "--peers-python",
+        action="append",
+        default=[],
+        help="another interpreter to try peers in (repeatable)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--peer", nargs=3, help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--big-child", action="store_true", help=argparse.SUPPRESS
-    )
+    parser.add_argument("--big-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.peer:
         name, path, repeats = args.peer
@@ -620,8 +631,11 @@ def main(argv=None):
     old = previous_peers(args.out)
     with tempfile.TemporaryDirectory() as folder:
         problem = Path(folder) / "problem.npz"
-        arrays = {f"{k}{l}": a for l, (W, b) in enumerate(params, 1)
-                  for k, a in (("W", W), ("b", b))}
+        arrays = {
+            f"{k}{l}": a
+            for l, (W, b) in enumerate(params, 1)
+            for k, a in (("W", W), ("b", b))
+        }
         np.savez(problem, X=X, G=G, **arrays)
         pythons = [sys.executable, *args.peers_python]
         peers = measure_peers(PEERS, pythons, problem, args.repeats, old)
@@ -631,9 +645,13 @@ def main(argv=None):
     record = {
         "benchmark": "empirical NTK, sample-major (N*Q, N*Q), float64",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "problem": {"widths": WIDTHS, "n_samples": N_SAMPLES,
-                    "activation": "relu", "init": "he, bias_scale 0.1",
-                    "seed": SEED},
+        "problem": {
+            "widths": WIDTHS,
+            "n_samples": N_SAMPLES,
+            "activation": "relu",
+            "init": "he, bias_scale 0.1",
+            "seed": SEED,
+        },
         "dlmin": dlmin,
         "dgemm_bound": bound,
         "peers": peers,

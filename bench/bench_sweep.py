@@ -84,21 +84,33 @@ def main():
             rerun.append(wall)
         ex_serial, ex_pool = in_process(spec, Path(tmp) / "out2", args.repeats)
     med = statistics.median
-    record.update(serial_s=med(serial), pool2_s=med(pool), speedup=med(serial) / med(pool),
-                  overhead_ms_per_run=1e3 * med(overhead), rerun_skip_s=med(rerun),
-                  executor_serial_s=ex_serial, executor_pool2_s=ex_pool,
-                  executor_speedup=ex_serial / ex_pool,
-                  all={"serial": serial, "pool2": pool, "rerun": rerun})
+    record.update(
+        serial_s=med(serial),
+        pool2_s=med(pool),
+        speedup=med(serial) / med(pool),
+        overhead_ms_per_run=1e3 * med(overhead),
+        rerun_skip_s=med(rerun),
+        executor_serial_s=ex_serial,
+        executor_pool2_s=ex_pool,
+        executor_speedup=ex_serial / ex_pool,
+        all={"serial": serial, "pool2": pool, "rerun": rerun},
+    )
     out = HERE / "results" / "sweep.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"sweep of {args.runs} construct runs ({args.points} points per class)")
-    print(f"  1 worker : {record['serial_s']:.2f} s   2 workers: {record['pool2_s']:.2f} s"
-          f"   speed-up {record['speedup']:.2f}x")
-    print(f"  executors alone (no interpreter start): 1 worker {ex_serial:.2f} s, "
-          f"2 workers {ex_pool:.2f} s, speed-up {ex_serial / ex_pool:.2f}x")
-    print(f"  executor overhead: {record['overhead_ms_per_run']:.1f} ms per run "
-          "(whole command, process start included)")
+    print(
+        f"  1 worker : {record['serial_s']:.2f} s   "
+        f"2 workers: {record['pool2_s']:.2f} s   speed-up {record['speedup']:.2f}x"
+    )
+    print(
+        f"  executors alone (no interpreter start): 1 worker {ex_serial:.2f} s, "
+        f"2 workers {ex_pool:.2f} s, speed-up {ex_serial / ex_pool:.2f}x"
+    )
+    print(
+        f"  executor overhead: {record['overhead_ms_per_run']:.1f} ms per run "
+        "(whole command, process start included)"
+    )
     print(f"  rerun skipping everything: {record['rerun_skip_s']:.2f} s")
 
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -16,8 +15,19 @@ from dlmin.core import store
 
 from helpers import SMALL, write_spec
 
-JSON_KEYS = {"run_id", "experiment", "kind", "status", "path", "cost", "cost_spread",
-             "cost_mismatch", "certified", "max_output_error", "heldout_max_output_error"}
+JSON_KEYS = {
+    "run_id",
+    "experiment",
+    "kind",
+    "status",
+    "path",
+    "cost",
+    "cost_spread",
+    "cost_mismatch",
+    "certified",
+    "max_output_error",
+    "heldout_max_output_error",
+}
 
 
 def invoke(*args):
@@ -59,7 +69,9 @@ def test_second_run_skips_and_force_redoes(tmp_path):
     again = rows(invoke("construct", spec, "-o", out, "-e", "small", "--json"))
     assert [r["status"] for r in again] == ["skipped"]
     assert again[0]["cost"] < 1e-20  # scalars come back from the file
-    forced = rows(invoke("construct", spec, "-o", out, "-e", "small", "--json", "--force"))
+    forced = rows(
+        invoke("construct", spec, "-o", out, "-e", "small", "--json", "--force")
+    )
     assert [r["status"] for r in forced] == ["ok"]
 
 
@@ -87,18 +99,30 @@ def test_validate_and_plan(tmp_path):
 
 
 BAD_SPECS = {
-    "unknown key": ("data: {source: clusters, classes: 3, dim: 3, points: 5, radius: 0.1, "
-                    "color: red}", "unknown key 'color'"),
-    "bad value": ("data: {source: clusters, classes: 3, dim: 3, points: 5, radius: -1}",
-                  "found -1"),
-    "bad type": ("data: {source: clusters, classes: three, dim: 3, points: 5, radius: 1}",
-                 "found 'three'"),
+    "unknown key": (
+        "data: {source: clusters, classes: 3, dim: 3, points: 5, radius: 0.1, "
+        "color: red}",
+        "unknown key 'color'",
+    ),
+    "bad value": (
+        "data: {source: clusters, classes: 3, dim: 3, points: 5, radius: -1}",
+        "found -1",
+    ),
+    "bad type": (
+        "data: {source: clusters, classes: three, dim: 3, points: 5, radius: 1}",
+        "found 'three'",
+    ),
     "missing": ("data: {source: clusters, classes: 3, dim: 3, points: 5}", "missing"),
     "bad source": ("data: {source: mnist, classes: 3}", "found 'mnist'"),
-    "bad kind": ("kind: trapp\n    data: {source: file, path: x.npz}",
-                 "construct | flow | trap | collapse"),
-    "bad sweep": ("data: {source: clusters, classes: 3, dim: 3, points: 5, radius: 1}\n"
-                  "    sweep: {data.radius: 3}", "non-empty list"),
+    "bad kind": (
+        "kind: trapp\n    data: {source: file, path: x.npz}",
+        "construct | flow | trap | collapse",
+    ),
+    "bad sweep": (
+        "data: {source: clusters, classes: 3, dim: 3, points: 5, radius: 1}\n"
+        "    sweep: {data.radius: 3}",
+        "non-empty list",
+    ),
 }
 
 
@@ -119,8 +143,12 @@ def test_spec_errors_exit_2_with_location_and_write_nothing(tmp_path, case, comm
 
 
 def test_unknown_experiment_name_is_a_usage_error(tmp_path):
-    result = invoke("construct", write_spec(tmp_path), "-e", "nope", "-o", tmp_path / "o")
-    assert result.exit_code == 2 and "nope" in result.stderr and "small" in result.stderr
+    result = invoke(
+        "construct", write_spec(tmp_path), "-e", "nope", "-o", tmp_path / "o"
+    )
+    assert (
+        result.exit_code == 2 and "nope" in result.stderr and "small" in result.stderr
+    )
 
 
 def test_missing_spec_file(tmp_path):
@@ -135,7 +163,9 @@ def test_show_human_and_json(tmp_path):
     text = invoke("show", path).stdout
     assert "status" in text and "ok" in text and "/network/W4" in text and "C_N" in text
     info = json.loads(invoke("show", path, "--json").stdout)
-    assert info["attrs"]["kind"] == "construct" and info["groups"]["metrics"]["certified"]
+    assert (
+        info["attrs"]["kind"] == "construct" and info["groups"]["metrics"]["certified"]
+    )
     bad = invoke("show", tmp_path / "missing.h5")
     assert bad.exit_code == 2 and "no such file" in bad.stderr
 
@@ -159,17 +189,31 @@ def test_result_file_round_trip_matches_the_network(tmp_path):
     layers = store.read_layers(res["network"])
     X, labels, Y = res["data"]["X"], res["data"]["labels"], res["data"]["Y"]
     from dlmin.core.construct import forward_relu
+
     assert np.abs(forward_relu(layers, X) - Y[labels]).max() < 1e-12
     assert len(layers) == 4 and res["spec"]["run"].startswith("name: small")
     attrs = res["attrs"]
-    for key in ("schema_version", "kind", "run_id", "status", "spec_hash", "seed",
-                "versions", "wall_time", "git_commit", "created"):
+    for key in (
+        "schema_version",
+        "kind",
+        "run_id",
+        "status",
+        "spec_hash",
+        "seed",
+        "versions",
+        "wall_time",
+        "git_commit",
+        "created",
+    ):
         assert key in attrs
     assert attrs["complete"] and "numpy" in attrs["versions"]
     cum = store.read_layers(res["network"]["cumulative"])
     chain_end = res["truncation"]["layer3"]
-    np.testing.assert_allclose(chain_end @ cum[-1][0].T + cum[-1][1],
-                               Y[labels[res["truncation"]["rows"]]], atol=1e-12)
+    np.testing.assert_allclose(
+        chain_end @ cum[-1][0].T + cum[-1][1],
+        Y[labels[res["truncation"]["rows"]]],
+        atol=1e-12,
+    )
 
 
 def test_store_limit_subsamples_the_truncated_data(tmp_path):
@@ -179,7 +223,9 @@ def test_store_limit_subsamples_the_truncated_data(tmp_path):
     res = store.load(out / "small" / "run.h5")
     rows_kept = res["truncation"]["rows"]
     assert rows_kept.shape == (10,) and np.all(np.diff(rows_kept) > 0)
-    np.testing.assert_array_equal(res["truncation"]["layer0"], res["data"]["X"][rows_kept])
+    np.testing.assert_array_equal(
+        res["truncation"]["layer0"], res["data"]["X"][rows_kept]
+    )
 
 
 def test_interrupt_leaves_no_file(tmp_path, monkeypatch):
@@ -212,8 +258,9 @@ def test_data_files_npz_and_csv(tmp_path, rng):
 
     ds = clusters(3, 4, 12, 0.05, rng)
     np.savez(tmp_path / "d.npz", X=ds.X, labels=ds.labels, Y=2 * ds.Y)
-    lines = ["x1,x2,x3,x4,label"] + [",".join(map(str, x.tolist())) + f",c{l}"
-                                     for x, l in zip(ds.X, ds.labels)]
+    lines = ["x1,x2,x3,x4,label"] + [
+        ",".join(map(str, x.tolist())) + f",c{l}" for x, l in zip(ds.X, ds.labels)
+    ]
     (tmp_path / "d.csv").write_text("\n".join(lines) + "\n")
     text = """\
     experiments:
@@ -224,10 +271,14 @@ def test_data_files_npz_and_csv(tmp_path, rng):
         kind: construct
         data: {source: file, path: d.csv}
     """
-    result = invoke("construct", write_spec(tmp_path, text), "-o", tmp_path / "o", "--json")
+    result = invoke(
+        "construct", write_spec(tmp_path, text), "-o", tmp_path / "o", "--json"
+    )
     assert result.exit_code == 0, result.output
     table = rows(result)
-    assert all(r["cost"] < 1e-20 and r["heldout_max_output_error"] is None for r in table)
+    assert all(
+        r["cost"] < 1e-20 and r["heldout_max_output_error"] is None for r in table
+    )
     res = store.load(tmp_path / "o" / "npz" / "run.h5")
     np.testing.assert_array_equal(res["data"]["Y"], 2 * ds.Y)
 
@@ -239,23 +290,32 @@ def test_unreadable_data_file_fails_the_run_only(tmp_path):
         kind: construct
         data: {source: file, path: nothing.npz}
     """
-    result = invoke("construct", write_spec(tmp_path, text), "-o", tmp_path / "o", "--json")
+    result = invoke(
+        "construct", write_spec(tmp_path, text), "-o", tmp_path / "o", "--json"
+    )
     assert result.exit_code == 1
-    row, = rows(result)
+    (row,) = rows(result)
     assert row["status"] == "failed" and "no such file" in row["message"]
 
 
 def _python(code, cwd):
     exe = Path(sys.executable)
-    return subprocess.run([str(exe), "-c", code], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": ""})
+    return subprocess.run(
+        [str(exe), "-c", code],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
 
 
 def test_installed_names_and_light_help(tmp_path):
     assert _python("import core", tmp_path).returncode != 0
-    probe = ("import sys, dlmin.cli.app; "
-             "print(sorted(m for m in ('numpy', 'h5py', 'scipy', 'pydantic') "
-             "if m in sys.modules))")
+    probe = (
+        "import sys, dlmin.cli.app; "
+        "print(sorted(m for m in ('numpy', 'h5py', 'scipy', 'pydantic') "
+        "if m in sys.modules))"
+    )
     out = _python(probe, tmp_path)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
     help_text = invoke("--help").stdout

@@ -19,8 +19,13 @@ from dlmin.core.collapse import CollapseWarning
 ATOL = 1e-12
 
 NC1_KEYS = ("nc1", "nc1_quotient", "nc1_norm", "cdnv", "cdnv_max", "d_hesu")
-NC2_KEYS = ("equinorm_means", "equiangular_means", "maxangle_means",
-            "mean_cos_means", "etf_gap_means")
+NC2_KEYS = (
+    "equinorm_means",
+    "equiangular_means",
+    "maxangle_means",
+    "mean_cos_means",
+    "etf_gap_means",
+)
 NC3_KEYS = ("self_duality", "duality_gram_gap", "duality_cos")
 
 
@@ -58,12 +63,17 @@ def explicit_scatter(H, y, weighting="balanced"):
     H = np.asarray(H, dtype=np.float64)
     classes = np.unique(y)
     counts = np.array([np.sum(y == c) for c in classes])
-    pi = np.full(len(classes), 1 / len(classes)) if weighting == "balanced" \
+    pi = (
+        np.full(len(classes), 1 / len(classes))
+        if weighting == "balanced"
         else counts / counts.sum()
+    )
     mu = np.array([H[y == c].mean(axis=0) for c in classes])
     mt = mu - pi @ mu
-    Sw = sum(p / n * (H[y == c] - m).T @ (H[y == c] - m)
-             for p, n, c, m in zip(pi, counts, classes, mu))
+    Sw = sum(
+        p / n * (H[y == c] - m).T @ (H[y == c] - m)
+        for p, n, c, m in zip(pi, counts, classes, mu)
+    )
     Sb = (mt.T * pi) @ mt
     return Sw, Sb, mt, pi
 
@@ -86,7 +96,7 @@ def explicit_trace_gram(H, y, r, weighting="balanced"):
     Bm = np.sqrt(pi)[:, None] * mt
     lam, E = np.linalg.eigh(Bm @ Bm.T)
     Er, lr = E[:, -r:], lam[-r:]
-    P = Bm.T @ Er / lr          # columns u_i / s_i
+    P = Bm.T @ Er / lr  # columns u_i / s_i
     return float(np.einsum("di,de,ei->", P, Sw, P))
 
 
@@ -110,8 +120,13 @@ def test_exact_collapse_gives_zeros(rng):
     res = co.collapse_metrics(H, y, W=W, b=b, predictions=y)
     for key in NC1_KEYS + NC2_KEYS[:3] + ("etf_gap_means",) + NC3_KEYS[:2]:
         assert abs(res.metrics[key]) < ATOL, key
-    for key in ("equinorm_classifier", "equiangular_classifier",
-                "maxangle_classifier", "etf_gap_classifier", "bias_gap"):
+    for key in (
+        "equinorm_classifier",
+        "equiangular_classifier",
+        "maxangle_classifier",
+        "etf_gap_classifier",
+        "bias_gap",
+    ):
         assert abs(res.metrics[key]) < ATOL, key
     off = res.cos_means[np.triu_indices(C, 1)]
     np.testing.assert_allclose(off, -1 / (C - 1), atol=ATOL)
@@ -190,8 +205,9 @@ def test_ddof_cov_of_norms_1_1_1_2(rng):
     r1 = co.collapse_metrics(H, y, W=W, ddof=1)
     assert r0.equinorm_classifier == pytest.approx(math.sqrt(3) / 5, rel=1e-14)
     assert r1.equinorm_classifier == pytest.approx(0.4, rel=1e-14)
-    assert r1.equinorm_classifier / r0.equinorm_classifier == \
-        pytest.approx(math.sqrt(C / (C - 1)), rel=1e-14)
+    assert r1.equinorm_classifier / r0.equinorm_classifier == pytest.approx(
+        math.sqrt(C / (C - 1)), rel=1e-14
+    )
     assert r1.options["ddof"] == 1 and r0.as_dict()["ddof"] == 0
 
 
@@ -239,8 +255,11 @@ def test_ncc_by_hand():
     """
     H = np.array([0.0, 1.0, 8.0, 10.0, 12.0])[:, None]
     y = np.array([0, 0, 0, 1, 1])
-    held = (np.array([[6.5], [7.5], [7.0], [11.0]]), np.array([0, 0, 0, 9]),
-            np.array([0, 0, 1, 1]))
+    held = (
+        np.array([[6.5], [7.5], [7.0], [11.0]]),
+        np.array([0, 0, 0, 9]),
+        np.array([0, 0, 1, 1]),
+    )
     with pytest.warns(CollapseWarning):
         res = co.collapse_metrics(H, y, predictions=y, heldout=held)
     assert res.ncc_acc == pytest.approx(4 / 5)
@@ -312,11 +331,10 @@ def test_class_relabelling(rng):
     """Arbitrary label values in another order give the same metrics."""
     H, y = random_problem(rng)
     W = rng.standard_normal((5, H.shape[1]))
-    names = np.array([40, 7, 19, -3, 2])           # label of class c
+    names = np.array([40, 7, 19, -3, 2])  # label of class c
     base = co.collapse_metrics(H, y, W=W, predictions=y)
-    order = np.argsort(names)                        # sorted label order
-    renamed = co.collapse_metrics(H, names[y], W=W[order],
-                                  predictions=names[y])
+    order = np.argsort(names)  # sorted label order
+    renamed = co.collapse_metrics(H, names[y], W=W[order], predictions=names[y])
     for key in NC1_KEYS + NC2_KEYS + NC3_KEYS + ("ncc_acc", "ncc_mismatch"):
         assert rel(renamed.metrics[key], base.metrics[key]) < 1e-10, key
     assert list(renamed.classes) == sorted(names.tolist())
@@ -332,6 +350,7 @@ def chunked(H, y, pred, cuts, order):
         Hp, yp, pp = H[order], y[order], pred[order]
         for a, b in zip(cuts[:-1], cuts[1:]):
             yield Hp[a:b], yp[a:b], pp[a:b]
+
     return factory
 
 
@@ -356,11 +375,10 @@ def test_streaming_equals_in_memory(rng, seed):
     base = co.collapse_metrics(H, y, predictions=pred, heldout=held, **kw)
     local = np.random.default_rng(seed)
     order = np.argsort(y, kind="stable") if seed else local.permutation(y.size)
-    cuts = np.r_[0, np.sort(local.choice(np.arange(1, y.size), 9, False)),
-                 y.size]
+    cuts = np.r_[0, np.sort(local.choice(np.arange(1, y.size), 9, False)), y.size]
     stream = co.collapse_metrics_streaming(
-        chunked(H, y, pred, cuts, order),
-        heldout_factory=lambda: iter([held]), **kw)
+        chunked(H, y, pred, cuts, order), heldout_factory=lambda: iter([held]), **kw
+    )
     assert_same(stream, base, 1e-12)
 
 
@@ -383,8 +401,7 @@ def test_many_classes_take_the_sorted_path(rng):
 def test_progress_reports_rows_of_both_passes(rng):
     H, y = random_problem(rng)
     calls = []
-    co.collapse_metrics(H, y, progress=lambda done, total: calls.append(
-        (done, total)))
+    co.collapse_metrics(H, y, progress=lambda done, total: calls.append((done, total)))
     N = y.size
     assert calls[0] == (N, None) and calls[-1] == (2 * N, 2 * N)
 
@@ -401,24 +418,26 @@ def test_streaming_refuses_changed_data(rng):
         co.collapse_metrics_streaming(factory)
 
 
-@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED,
-                                         zipfile.ZIP_DEFLATED])
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
 def test_npz_and_npy_streams(rng, tmp_path, compression):
     H, y = random_problem(rng)
     H32 = H.astype(np.float32)
     pred = y[::-1].copy()
     path = tmp_path / "feats.npz"
-    (np.savez_compressed if compression == zipfile.ZIP_DEFLATED
-     else np.savez)(path, features=H32, labels=y, predictions=pred)
+    (np.savez_compressed if compression == zipfile.ZIP_DEFLATED else np.savez)(
+        path, features=H32, labels=y, predictions=pred
+    )
     base = co.collapse_metrics(H32, y, predictions=pred)
     from_npz = co.collapse_metrics_streaming(co.npz_chunks(path, chunk_rows=7))
     assert_same(from_npz, base, 1e-12)
     np.save(tmp_path / "h.npy", H32)
     np.save(tmp_path / "y.npy", y)
     np.save(tmp_path / "p.npy", pred)
-    from_npy = co.collapse_metrics_streaming(co.npy_chunks(
-        tmp_path / "h.npy", tmp_path / "y.npy", tmp_path / "p.npy",
-        chunk_rows=13))
+    from_npy = co.collapse_metrics_streaming(
+        co.npy_chunks(
+            tmp_path / "h.npy", tmp_path / "y.npy", tmp_path / "p.npy", chunk_rows=13
+        )
+    )
     assert_same(from_npy, base, 1e-12)
     with pytest.raises(ValueError, match="no array 'feats'"):
         co.npz_chunks(path, features="feats")
@@ -434,7 +453,7 @@ def test_blind_spot_noise_outside_span(rng):
     C, D = 3, 7
     means = etf(C, D, 2.0, rng)
     basis, _ = np.linalg.qr(np.c_[means.T, rng.standard_normal((D, D))])
-    perp = basis[:, C - 1:C + 1].T                   # two unit directions
+    perp = basis[:, C - 1 : C + 1].T  # two unit directions
     dev = 0.3 * np.vstack([perp, -perp])
     H = np.vstack([m + dev for m in means])
     y = np.repeat(np.arange(C), 4)
@@ -460,12 +479,16 @@ def test_orthogonal_frame(rng):
     H = means[y]
     res = co.collapse_metrics(H, y)
     assert res.of_gap_means == pytest.approx(0.0, abs=ATOL)
-    for key in ("equinorm_means", "equiangular_means", "maxangle_means",
-                "etf_gap_means"):
+    for key in (
+        "equinorm_means",
+        "equiangular_means",
+        "maxangle_means",
+        "etf_gap_means",
+    ):
         assert abs(res.metrics[key]) < ATOL, key
     assert res.mean_cos_means == pytest.approx(-1 / (C - 1), abs=ATOL)
     shifted = co.collapse_metrics(H + 1.0, y)
-    assert shifted.of_gap_means > 0.1                # not translation invariant
+    assert shifted.of_gap_means > 0.1  # not translation invariant
 
 
 def test_coinciding_means(rng):
@@ -559,7 +582,7 @@ def test_float32_large_d_against_explicit_rank_r(rng):
     _, Sb, mt, _ = explicit_scatter(H, y)
     Sw = explicit_scatter(H, y)[0]
     mt32 = mt.astype(np.float32)
-    Sb32 = (mt32.T @ mt32 / 10).astype(np.float64)   # formed in float32
+    Sb32 = (mt32.T @ mt32 / 10).astype(np.float64)  # formed in float32
     naive = float(np.trace(Sw @ np.linalg.pinv(Sb32))) / 10
     assert abs(naive - reference) > 100 * reference
 
@@ -572,8 +595,13 @@ def test_float64_large_d_against_explicit_rank_r(rng):
     assert rel(res.nc1, explicit_trace_gram(H, y, r=9) / 10) < 1e-10
 
 
-@given(C=st.integers(2, 6), D=st.integers(1, 7), n=st.integers(1, 4),
-       seed=st.integers(0, 2**16), sample=st.booleans())
+@given(
+    C=st.integers(2, 6),
+    D=st.integers(1, 7),
+    n=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+    sample=st.booleans(),
+)
 def test_nc1_nonnegative_and_explicit(C, D, n, seed, sample):
     """Section 12.12 on random shapes, both weightings."""
     local = np.random.default_rng(seed)
@@ -585,7 +613,7 @@ def test_nc1_nonnegative_and_explicit(C, D, n, seed, sample):
     if res.rank:
         ref = explicit_trace_gram(H, y, res.rank, weighting) / C
         assert res.nc1 == pytest.approx(ref, rel=1e-10, abs=1e-14)
-    if res.rank == min(C - 1, D):       # the sample-weighted B has it too
+    if res.rank == min(C - 1, D):  # the sample-weighted B has it too
         ref = explicit_trace_gram(H, y, res.rank, "sample")
         assert res.d_hesu == pytest.approx(ref, rel=1e-10, abs=1e-14)
 
@@ -598,11 +626,14 @@ def test_two_pass_variance_survives_large_offset(rng):
     y = np.repeat(np.arange(C), n)
     H = centre + 0.5 * np.arange(C)[y, None] + noise
     res = co.collapse_metrics(H, y)
-    truth = np.array([((noise[y == c] - noise[y == c].mean(0)) ** 2)
-                      .sum(1).mean() for c in range(C)])
+    truth = np.array([
+        ((noise[y == c] - noise[y == c].mean(0)) ** 2).sum(1).mean() for c in range(C)
+    ])
     np.testing.assert_allclose(res.class_variances, truth, rtol=1e-6)
-    one_pass = np.array([(H[y == c] ** 2).sum(1).mean()
-                         - (H[y == c].mean(0) ** 2).sum() for c in range(C)])
+    one_pass = np.array([
+        (H[y == c] ** 2).sum(1).mean() - (H[y == c].mean(0) ** 2).sum()
+        for c in range(C)
+    ])
     assert np.max(np.abs(one_pass - truth) / truth) > 1e-2
 
 
@@ -620,11 +651,13 @@ def test_weighting_changes_only_imbalanced_results(rng):
     for res, weighting in ((bal, "balanced"), (smp, "sample")):
         Sw, Sb, _, pi = explicit_scatter(H, y, weighting)
         Hc = H - res.global_mean
-        St = sum(p / np.sum(y == c) * Hc[y == c].T @ Hc[y == c]
-                 for p, c in zip(pi, range(5)))
+        St = sum(
+            p / np.sum(y == c) * Hc[y == c].T @ Hc[y == c] for p, c in zip(pi, range(5))
+        )
         np.testing.assert_allclose(St, Sw + Sb, atol=1e-12)
-        assert res.trace_within + res.trace_between == \
-            pytest.approx(np.trace(St), rel=1e-12)
+        assert res.trace_within + res.trace_between == pytest.approx(
+            np.trace(St), rel=1e-12
+        )
     Hb, yb = random_problem(rng, sizes=(8,) * 5)
     a = co.collapse_metrics(Hb, yb)
     b = co.collapse_metrics(Hb, yb, weighting="sample")
@@ -655,18 +688,27 @@ def test_l2_decomposition_closes(rng, lam, general):
     C, D = 5, H.shape[1]
     Y = rng.standard_normal((C, 3)) if general else np.eye(C)
     W, b = rng.standard_normal((Y.shape[1], D)), rng.standard_normal(Y.shape[1])
-    res = co.collapse_metrics(H, y, W=W, b=b, targets=Y if general else None,
-                              loss="l2", l2_lam=lam)
+    res = co.collapse_metrics(
+        H, y, W=W, b=b, targets=Y if general else None, loss="l2", l2_lam=lam
+    )
     l2 = res.l2
     assert l2.loss == pytest.approx(direct_l2(H, y, W, b, Y, lam), rel=1e-12)
     assert l2.nc1 + l2.nc23 + l2.perp == pytest.approx(l2.loss, rel=1e-10)
-    at_ls = co.collapse_metrics(H, y, W=l2.W_ls, b=l2.b_ls, loss="l2",
-                                targets=Y if general else None, l2_lam=lam)
+    at_ls = co.collapse_metrics(
+        H,
+        y,
+        W=l2.W_ls,
+        b=l2.b_ls,
+        loss="l2",
+        targets=Y if general else None,
+        l2_lam=lam,
+    )
     assert at_ls.l2.perp == pytest.approx(0.0, abs=1e-10 * l2.loss)
     if lam == 0.0:
         ybar = Y.mean(axis=0)
-        np.testing.assert_allclose(l2.W_ls @ res.global_mean + l2.b_ls, ybar,
-                                   atol=1e-10)
+        np.testing.assert_allclose(
+            l2.W_ls @ res.global_mean + l2.b_ls, ybar, atol=1e-10
+        )
         assert at_ls.bias_gap == pytest.approx(0.0, abs=1e-10)
 
 
@@ -699,14 +741,12 @@ def test_layer_and_truncation_features(rng):
     np.testing.assert_allclose(feats[-1], forward(params, X), atol=1e-14)
     Wc = [np.array([[1.0, 0, 0], [0, 1.0, 0]])]
     chain = co.truncation_features([(Wc[0], np.zeros(2))], X)
-    np.testing.assert_array_equal(
-        chain[-1], truncation_chain(Wc, [np.zeros(2)], X)[-1])
+    np.testing.assert_array_equal(chain[-1], truncation_chain(Wc, [np.zeros(2)], X)[-1])
 
 
 def test_network_decisions():
     F = np.array([[0.9, 0.2], [0.4, 0.5], [3.0, 3.0]])
-    np.testing.assert_array_equal(co.network_decisions(F, loss="ce"),
-                                  [0, 1, 0])
+    np.testing.assert_array_equal(co.network_decisions(F, loss="ce"), [0, 1, 0])
     Y = np.array([[1.0, 1.0], [0.0, 0.0]])
     np.testing.assert_array_equal(co.network_decisions(F, Y), [0, 1, 0])
 
@@ -721,8 +761,9 @@ def test_constructed_network_collapses(rng):
     assert net.status == "ok", net.message
     held_y = np.repeat(np.arange(Q), 5)
     held_X = ds.centers[held_y] + uniform_ball(held_y.size, Q, 0.05, rng)
-    rows = quiet(co.network_collapse, net.layers, ds.X, ds.labels,
-                 heldout=(held_X, held_y))
+    rows = quiet(
+        co.network_collapse, net.layers, ds.X, ds.labels, heldout=(held_X, held_y)
+    )
     assert [r.source for r in rows][-1] == "output" and len(rows) == Q + 2
     last_hidden, output = rows[-2], rows[-1]
     for key in ("nc1", "nc1_quotient", "cdnv"):
@@ -744,25 +785,41 @@ def test_constructed_network_collapses(rng):
 def test_record_is_json_with_required_keys(rng):
     H, y = random_problem(rng)
     plain = co.collapse_metrics(H, y).as_dict()
-    for key in ("nc1", "nc1_quotient", "cdnv", "equinorm_means",
-                "equiangular_means", "maxangle_means", "self_duality",
-                "ncc_mismatch", "rank", "weighting", "ddof", "rank_tol",
-                "center_classifier", "flag_two_classes"):
+    for key in (
+        "nc1",
+        "nc1_quotient",
+        "cdnv",
+        "equinorm_means",
+        "equiangular_means",
+        "maxangle_means",
+        "self_duality",
+        "ncc_mismatch",
+        "rank",
+        "weighting",
+        "ddof",
+        "rank_tol",
+        "center_classifier",
+        "flag_two_classes",
+    ):
         assert key in plain, key
     assert plain["self_duality"] is None and plain["ncc_mismatch"] is None
-    full = co.collapse_metrics(H, y, W=np.eye(5, 8), predictions=y,
-                               center_classifier=True).as_dict(arrays=True)
+    full = co.collapse_metrics(
+        H, y, W=np.eye(5, 8), predictions=y, center_classifier=True
+    ).as_dict(arrays=True)
     assert full["self_duality"] is not None and full["ncc_mismatch"] == 0.0
     json.dumps(full, allow_nan=False)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"weighting": "uniform"}, "weighting must be one of"),
-    ({"ddof": 2}, "ddof must be 0 or 1"),
-    ({"W": np.ones((5, 3))}, r"W must have shape \(K, 8\)"),
-    ({"W": np.ones((4, 8))}, "pass classes="),
-    ({"classes": [0, 1]}, "label 2 is not among the classes"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"weighting": "uniform"}, "weighting must be one of"),
+        ({"ddof": 2}, "ddof must be 0 or 1"),
+        ({"W": np.ones((5, 3))}, r"W must have shape \(K, 8\)"),
+        ({"W": np.ones((4, 8))}, "pass classes="),
+        ({"classes": [0, 1]}, "label 2 is not among the classes"),
+    ],
+)
 def test_errors_teach(rng, kwargs, match):
     H, y = random_problem(rng)
     with pytest.raises(ValueError, match=match):

@@ -46,8 +46,10 @@ def orthogonal(rng, Q):
 
 def cost_via_truncation(clusters, Y, beta, R):
     """``sum_c 1/2 mean |tau(xi) - y_c|^2`` through the library's truncation map."""
-    return sum(0.5 * np.mean(np.sum((truncate_beta(R, beta, X) - y) ** 2, 1))
-               for X, y in zip(clusters, Y))
+    return sum(
+        0.5 * np.mean(np.sum((truncate_beta(R, beta, X) - y) ** 2, 1))
+        for X, y in zip(clusters, Y)
+    )
 
 
 def off_kink_data(rng, Q, sizes):
@@ -84,11 +86,17 @@ def test_cost_is_the_truncation_map_cost(rng, sizes):
     """C(beta, R) equals the cost of tau_{W, W beta} for W = Lambda R."""
     clusters, Y, beta, R = off_kink_data(rng, 4, sizes)
     C = ef.effective_cost(clusters, Y, beta, R)
-    assert_within(abs(C - cost_via_truncation(clusters, Y, beta, R)),
-                  1e-13 * C, "cost against truncate_beta")
+    assert_within(
+        abs(C - cost_via_truncation(clusters, Y, beta, R)),
+        1e-13 * C,
+        "cost against truncate_beta",
+    )
     W = np.diag(rng.uniform(0.5, 2.0, 4)) @ R  # activation-adapted weight
-    assert_within(abs(C - cost_via_truncation(clusters, Y, beta, W)),
-                  1e-12 * C, "cost is independent of the diagonal factor")
+    assert_within(
+        abs(C - cost_via_truncation(clusters, Y, beta, W)),
+        1e-12 * C,
+        "cost is independent of the diagonal factor",
+    )
 
 
 @pytest.mark.parametrize("sizes", [[60], [30, 25, 20]])
@@ -123,8 +131,11 @@ def test_E2_skew_part_and_commutator_forms_agree(rng, sizes):
         b = ef.effective_gradients(clusters, Y, beta, R, form="skew")
         scale = np.linalg.norm(a.Omega)
         assert scale > 1e-2
-        assert_within(np.linalg.norm(a.Omega - b.Omega), FORM_TOL * scale,
-                      "skew-part against commutator form")
+        assert_within(
+            np.linalg.norm(a.Omega - b.Omega),
+            FORM_TOL * scale,
+            "skew-part against commutator form",
+        )
         assert np.allclose(a.Omega, -a.Omega.T, rtol=0, atol=0)
         assert np.array_equal(a.grad_beta, b.grad_beta)
 
@@ -134,14 +145,17 @@ def test_several_clusters_add_up(rng):
     clusters, Y, beta, R = off_kink_data(rng, 3, [30, 25, 20])
     total = ef.effective_gradients(clusters, Y, beta, R)
     parts = [ef.effective_gradients(X, y, beta, R) for X, y in zip(clusters, Y)]
-    assert np.allclose(total.grad_beta, sum(p.grad_beta for p in parts),
-                       rtol=1e-14, atol=1e-15)
-    assert np.allclose(total.Omega, sum(p.Omega for p in parts),
-                       rtol=1e-14, atol=1e-15)
+    assert np.allclose(
+        total.grad_beta, sum(p.grad_beta for p in parts), rtol=1e-14, atol=1e-15
+    )
+    assert np.allclose(total.Omega, sum(p.Omega for p in parts), rtol=1e-14, atol=1e-15)
     assert np.array_equal(total.q, np.vstack([p.q for p in parts]))
     C = ef.effective_cost(clusters, Y, beta, R)
-    assert np.isclose(C, sum(ef.effective_cost(X, y, beta, R)
-                             for X, y in zip(clusters, Y)), rtol=1e-14)
+    assert np.isclose(
+        C,
+        sum(ef.effective_cost(X, y, beta, R) for X, y in zip(clusters, Y)),
+        rtol=1e-14,
+    )
 
 
 def test_flow_direction_descends_at_the_stated_rate(rng):
@@ -168,20 +182,26 @@ def test_flow_direction_descends_at_the_stated_rate(rng):
 def test_E3_monotone_and_orthogonal(method, stepper):
     """E3: C and |beta + y| never increase and R stays orthogonal."""
     clusters, Y, beta, R = off_kink_data(np.random.default_rng(0), 3, [60])
-    res = ef.integrate_effective(clusters, Y, beta, R, time=2.0, step=1e-2,
-                                 method=method, stepper=stepper,
-                                 record="steps")
+    res = ef.integrate_effective(
+        clusters,
+        Y,
+        beta,
+        R,
+        time=2.0,
+        step=1e-2,
+        method=method,
+        stepper=stepper,
+        record="steps",
+    )
     rec = res.records
     assert rec["omega_norm"][0] > 1.0, "the rotation must actually act"
     assert np.linalg.norm(res.R - R) > 1.0
     C, dist = rec["cost"], rec["distance"][:, 0]
     assert_within(max(np.diff(C).max(), 0.0), ROUND * C[0], "cost increase")
-    assert_within(max(np.diff(dist).max(), 0.0), ROUND * dist[0],
-                  "|beta + y| increase")
+    assert_within(max(np.diff(dist).max(), 0.0), ROUND * dist[0], "|beta + y| increase")
     assert C[-1] < 0.1 * C[0]
     assert_within(res.orthogonality_error, ORTH_TOL, "|R^T R - I|")
-    assert res.contraction_bound is None and "Omega" in \
-        res.contraction_bound_reason
+    assert res.contraction_bound is None and "Omega" in res.contraction_bound_reason
 
 
 def test_fixed_step_is_first_order_against_events():
@@ -189,12 +209,14 @@ def test_fixed_step_is_first_order_against_events():
     rng = np.random.default_rng(3)
     sc = ef.effective_scenario(2, 80, 0.5, rng, rotation=0.3)
     args = (sc.clusters, sc.y_tilde, sc.beta0, sc.R0)
-    exact = ef.integrate_effective(*args, time=2.0, method="events",
-                                   record=11).records["beta"]
+    exact = ef.integrate_effective(*args, time=2.0, method="events", record=11).records[
+        "beta"
+    ]
     errors = []
     for h in (4e-3, 2e-3, 1e-3):
-        res = ef.integrate_effective(*args, time=2.0, step=h, freeze_R=True,
-                                     stepper="euler", record=11)
+        res = ef.integrate_effective(
+            *args, time=2.0, step=h, freeze_R=True, stepper="euler", record=11
+        )
         errors.append(np.abs(res.records["beta"] - exact).max())
     order = np.polyfit(np.log([4e-3, 2e-3, 1e-3]), np.log(errors), 1)[0]
     assert 0.8 < order < 1.3, f"observed order {order:.3g}, errors {errors}"
@@ -204,8 +226,17 @@ def test_lie_euler_step_is_the_matrix_exponential(rng):
     """One Lie-Euler step is R1 = expm(-h Omega) R0 with SciPy's expm."""
     clusters, Y, beta, R = off_kink_data(rng, 4, [50])
     Omega = ef.effective_gradients(clusters, Y, beta, R).Omega
-    res = ef.integrate_effective(clusters, Y, beta, R, time=0.3, step=0.3,
-                                 method="lie-euler", stepper="euler", record=2)
+    res = ef.integrate_effective(
+        clusters,
+        Y,
+        beta,
+        R,
+        time=0.3,
+        step=0.3,
+        method="lie-euler",
+        stepper="euler",
+        record=2,
+    )
     expected = scipy.linalg.expm(-0.3 * Omega) @ R
     assert_within(np.abs(res.R - expected).max(), 1e-14, "expm step")
 
@@ -249,12 +280,16 @@ def reference_beta(clusters, Y, beta, R, times):
 
 
 def assert_events_match_reference(clusters, Y, beta, R, time):
-    res = ef.integrate_effective(clusters, Y, beta, R, time=time,
-                                 method="events", record=9)
+    res = ef.integrate_effective(
+        clusters, Y, beta, R, time=time, method="events", record=9
+    )
     ref = reference_beta(clusters, Y, beta, R, res.records["s"])
     scale = max(1.0, np.abs(beta).max())
-    assert_within(np.abs(res.records["beta"] - ref).max(), EVENT_TOL * scale,
-                  "event scheme against refined Heun")
+    assert_within(
+        np.abs(res.records["beta"] - ref).max(),
+        EVENT_TOL * scale,
+        "event scheme against refined Heun",
+    )
     return res
 
 
@@ -262,18 +297,15 @@ def test_E4_events_match_fine_integration_one_cluster():
     """E4: one cluster, R frozen away from the identity."""
     rng = np.random.default_rng(11)
     sc = ef.effective_scenario(3, 60, 0.5, rng, rotation=0.5)
-    res = assert_events_match_reference(sc.clusters, sc.y_tilde, sc.beta0,
-                                        sc.R0, 2.0)
+    res = assert_events_match_reference(sc.clusters, sc.y_tilde, sc.beta0, sc.R0, 2.0)
     assert res.flips > 60 and res.contraction_time is not None
 
 
 def test_E4_events_match_fine_integration_two_clusters():
     """E4: two clusters share beta, the fixed point moves at every flip."""
     rng = np.random.default_rng(12)
-    sc = ef.effective_scenario(2, 50, 0.5, rng, rotation=0.3, n_clusters=2,
-                               spread=0.5)
-    res = assert_events_match_reference(sc.clusters, sc.y_tilde, sc.beta0,
-                                        sc.R0, 2.0)
+    sc = ef.effective_scenario(2, 50, 0.5, rng, rotation=0.3, n_clusters=2, spread=0.5)
+    res = assert_events_match_reference(sc.clusters, sc.y_tilde, sc.beta0, sc.R0, 2.0)
     assert res.flips > 50 and not res.stuck_coordinates
 
 
@@ -299,8 +331,12 @@ def test_events_leave_truncation_and_stop_on_the_flat_side():
     q = 1, 2/3, 1/3 before; then q = 0 and w = -0.3 for ever.
     """
     X, y, beta = np.array([[0.3], [0.7], [1.2]]), np.zeros(1), np.array([-1.5])
-    edges = np.cumsum([0.0, np.log(1.5 / 1.2), 1.5 * np.log(1.2 / 0.7),
-                       3.0 * np.log(0.7 / 0.3)])
+    edges = np.cumsum([
+        0.0,
+        np.log(1.5 / 1.2),
+        1.5 * np.log(1.2 / 0.7),
+        3.0 * np.log(0.7 / 0.3),
+    ])
     rates, starts = np.array([1.0, 2 / 3, 1 / 3]), np.array([-1.5, -1.2, -0.7])
 
     def w(s):
@@ -309,11 +345,15 @@ def test_events_leave_truncation_and_stop_on_the_flat_side():
             return -0.3
         return starts[k] * np.exp(-rates[k] * (s - edges[k]))
 
-    res = ef.integrate_effective([X], y, beta, np.eye(1), time=6.0,
-                                 method="events", record=25)
+    res = ef.integrate_effective(
+        [X], y, beta, np.eye(1), time=6.0, method="events", record=25
+    )
     exact = np.array([w(s) for s in res.records["s"]])
-    assert_within(np.abs(res.records["beta"][:, 0] - exact).max(), 1e-14,
-                  "against the closed form")
+    assert_within(
+        np.abs(res.records["beta"][:, 0] - exact).max(),
+        1e-14,
+        "against the closed form",
+    )
     assert res.flips == 3 and res.records["q"][-1, 0] == 0.0
 
 
@@ -322,8 +362,9 @@ def test_events_hold_a_coordinate_at_a_two_sided_kink():
     far = np.array([[-10.0]])  # always truncated, pulls beta towards -3
     kink = np.array([[0.0]])  # truncated iff beta <= 0, pulls towards 6
     Y = np.array([[3.0], [-6.0]])
-    res = ef.integrate_effective([far, kink], Y, np.array([1.0]), np.eye(1),
-                                 time=5.0, method="events")
+    res = ef.integrate_effective(
+        [far, kink], Y, np.array([1.0]), np.eye(1), time=5.0, method="events"
+    )
     assert res.stuck_coordinates == [0] and res.beta[0] == 0.0
     assert "kink" in res.message
 
@@ -346,27 +387,27 @@ def test_E5_frozen_rotation_contracts_before_the_bound(seed):
     """E5: with R frozen the cluster is a point by s*, then C ~ exp(-2 s)."""
     rng = np.random.default_rng(seed)
     sc = ef.effective_scenario(3, 100, 0.5, rng, rotation=0.3)
-    res = ef.integrate_effective(sc.clusters, sc.y_tilde, sc.beta0, sc.R0,
-                                 time=8.0, method="events", record=81)
+    res = ef.integrate_effective(
+        sc.clusters, sc.y_tilde, sc.beta0, sc.R0, time=8.0, method="events", record=81
+    )
     bound = res.contraction_bound
     assert bound is not None, res.contraction_bound_reason
     assert 0.0 < res.contraction_time <= bound
     assert res.contraction_times == [res.contraction_time]
     after = res.records["s"] > res.contraction_time
     assert np.all(res.records["q"][after] == 1.0)
-    assert_within(abs(post_collapse_slope(res) + 2.0), SLOPE_TOL,
-                  "slope of log C")
+    assert_within(abs(post_collapse_slope(res) + 2.0), SLOPE_TOL, "slope of log C")
 
 
 def test_E5_one_dimension_contracts_with_the_fixed_step_scheme(rng):
     """E5 for Q = 1 (Omega = 0 without freezing) with Cayley and Heun."""
     sc = ef.effective_scenario(1, 200, 0.3, rng)
-    res = ef.integrate_effective(sc.clusters, sc.y_tilde, sc.beta0, sc.R0,
-                                 time=5.0, step=1e-3, record=51)
+    res = ef.integrate_effective(
+        sc.clusters, sc.y_tilde, sc.beta0, sc.R0, time=5.0, step=1e-3, record=51
+    )
     assert res.contraction_bound is not None
     assert 0.0 < res.contraction_time <= res.contraction_bound + 1e-3
-    assert_within(abs(post_collapse_slope(res) + 2.0), SLOPE_TOL,
-                  "slope of log C")
+    assert_within(abs(post_collapse_slope(res) + 2.0), SLOPE_TOL, "slope of log C")
 
 
 def test_bound_is_refused_outside_its_assumptions(rng):
@@ -375,14 +416,14 @@ def test_bound_is_refused_outside_its_assumptions(rng):
     bound, why = ef.contraction_bound(sc.clusters, sc.y_tilde, sc.beta0, sc.R0)
     assert bound is None and "one cluster" in why
     trapped = ef.effective_scenario(2, 30, 0.5, rng, trapped=True)
-    bound, why = ef.contraction_bound(trapped.clusters, trapped.y_tilde,
-                                      trapped.beta0, trapped.R0)
+    bound, why = ef.contraction_bound(
+        trapped.clusters, trapped.y_tilde, trapped.beta0, trapped.R0
+    )
     assert bound is None and "margin" in why
 
 
 @pytest.mark.parametrize("method", ["cayley", "lie-euler", "events"])
-def test_E6_collapsed_cluster_at_its_target_is_an_exact_equilibrium(
-        rng, method):
+def test_E6_collapsed_cluster_at_its_target_is_an_exact_equilibrium(rng, method):
     """E6: beta = -y with every point truncated: beta' = 0, Omega = 0, C = 0."""
     sc = ef.effective_scenario(3, 40, 0.5, rng, rotation=0.5)
     X, y = sc.clusters[0], sc.y_tilde[0]
@@ -392,8 +433,7 @@ def test_E6_collapsed_cluster_at_its_target_is_an_exact_equilibrium(
     assert np.all(q == 1.0)
     assert not g.any() and not Omega.any() and not Omega_skew.any()
     assert ef.effective_cost(X, y, beta, sc.R0) == 0.0
-    res = ef.integrate_effective(X, y, beta, sc.R0, time=1.0, step=0.1,
-                                 method=method)
+    res = ef.integrate_effective(X, y, beta, sc.R0, time=1.0, step=0.1, method=method)
     assert np.array_equal(res.beta, beta) and np.array_equal(res.R, sc.R0)
     assert res.final_cost == 0.0 and res.contraction_time == 0.0
 
@@ -421,18 +461,36 @@ def test_E6_cluster_in_the_positive_orthant_is_trapped(rng, method):
 def test_result_summary_and_records(rng):
     sc = ef.effective_scenario(2, 30, 0.5, rng, n_clusters=2)
     seen = []
-    res = ef.integrate_effective(sc.clusters, sc.y_tilde, sc.beta0, sc.R0,
-                                 time=1.0, step=0.05, record=[0.25, 0.5],
-                                 progress=lambda s, t: seen.append(s))
+    res = ef.integrate_effective(
+        sc.clusters,
+        sc.y_tilde,
+        sc.beta0,
+        sc.R0,
+        time=1.0,
+        step=0.05,
+        record=[0.25, 0.5],
+        progress=lambda s, t: seen.append(s),
+    )
     summary = json.loads(json.dumps(res.as_dict()))
-    for key in ("contraction_time", "contraction_bound", "final_cost",
-                "orthogonality_error"):
+    for key in (
+        "contraction_time",
+        "contraction_bound",
+        "final_cost",
+        "orthogonality_error",
+    ):
         assert key in summary
     rec = res.records
     assert np.allclose(rec["s"], [0.0, 0.25, 0.5, 1.0], rtol=0, atol=1e-15)
-    shapes = {"beta": (4, 2), "R": (4, 2, 2), "q": (4, 2),
-              "q_clusters": (4, 2, 2), "cost": (4,), "distance": (4, 2),
-              "omega_norm": (4,), "orthogonality": (4,)}
+    shapes = {
+        "beta": (4, 2),
+        "R": (4, 2, 2),
+        "q": (4, 2),
+        "q_clusters": (4, 2, 2),
+        "cost": (4,),
+        "distance": (4, 2),
+        "omega_norm": (4,),
+        "orthogonality": (4,),
+    }
     assert {k: rec[k].shape for k in shapes} == shapes
     assert seen == sorted(seen) and seen[-1] == 1.0 and len(seen) == 20
 
@@ -443,8 +501,7 @@ def test_bad_input_is_refused_with_a_reason(rng):
     with pytest.raises(ValueError, match="orthogonal"):
         ef.integrate_effective(*args, 2.0 * sc.R0, time=1.0)
     with pytest.raises(ValueError, match="freeze_R=True"):
-        ef.integrate_effective(*args, sc.R0, time=1.0, method="events",
-                               freeze_R=False)
+        ef.integrate_effective(*args, sc.R0, time=1.0, method="events", freeze_R=False)
     with pytest.raises(ValueError, match="one target row per cluster"):
         ef.effective_cost(sc.clusters, np.zeros((3, 2)), sc.beta0, sc.R0)
     with pytest.raises(ValueError, match="method"):

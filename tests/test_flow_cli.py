@@ -10,9 +10,20 @@ from dlmin.core import network, store
 
 from helpers import write_spec
 
-FLOW_KEYS = {"cost_initial", "cost_final", "s_final", "steps", "rhs_evaluations",
-             "min_ntk_eigenvalue", "exp_rel_error", "line_rel_error", "K", "QN",
-             "parametrization", "stop_reason"}
+FLOW_KEYS = {
+    "cost_initial",
+    "cost_final",
+    "s_final",
+    "steps",
+    "rhs_evaluations",
+    "min_ntk_eigenvalue",
+    "exp_rel_error",
+    "line_rel_error",
+    "K",
+    "QN",
+    "parametrization",
+    "stop_reason",
+}
 
 STORY = """\
 defaults:
@@ -58,8 +69,9 @@ def test_the_three_flows_share_their_start(story):
     assert len(costs) == 1
     files = [store.load(r["path"]) for r in story.values()]
     for f in files[1:]:
-        np.testing.assert_array_equal(f["network"]["initial"]["W1"],
-                                      files[0]["network"]["initial"]["W1"])
+        np.testing.assert_array_equal(
+            f["network"]["initial"]["W1"], files[0]["network"]["initial"]["W1"]
+        )
         np.testing.assert_array_equal(f["data"]["X"], files[0]["data"]["X"])
 
 
@@ -72,11 +84,14 @@ def test_adapted_orbit_is_stored_and_follows_the_exponential_law(story):
     np.testing.assert_allclose(cost, cost[0] * np.exp(-2 * s / N), rtol=1e-6)
     y = res["data"]["targets"].ravel()
     t = traj["t"][:, None]
-    np.testing.assert_allclose(x, (1 - t) * x[0] + t * y, atol=1e-6 * np.abs(x[0] - y).max())
+    np.testing.assert_allclose(
+        x, (1 - t) * x[0] + t * y, atol=1e-6 * np.abs(x[0] - y).max()
+    )
     final = store.read_layers(res["network"])
     out = network.forward(final, res["data"]["X"], activation="tanh")
-    assert ((out - res["data"]["targets"]) ** 2).sum() / (2 * N) == \
-        pytest.approx(story["flow.kind=adapted"]["cost_final"], rel=1e-9)
+    assert ((out - res["data"]["targets"]) ** 2).sum() / (2 * N) == pytest.approx(
+        story["flow.kind=adapted"]["cost_final"], rel=1e-9
+    )
     assert res["attrs"]["complete"] and res["attrs"]["status"] == "ok"
 
 
@@ -99,10 +114,14 @@ def test_interrupted_flow_leaves_a_readable_partial_file(tmp_path, monkeypatch):
             if len(seen) == 3:
                 raise KeyboardInterrupt
 
-        return real(params, X, Y, options, activation, on_record=record, progress=progress)
+        return real(
+            params, X, Y, options, activation, on_record=record, progress=progress
+        )
 
     monkeypatch.setattr(flows, "integrate", interrupt_after_three)
-    spec = write_spec(tmp_path, STORY.replace("[standard, homotopy, adapted]", "[adapted]"))
+    spec = write_spec(
+        tmp_path, STORY.replace("[standard, homotopy, adapted]", "[adapted]")
+    )
     result = invoke("flow", spec, "-o", tmp_path / "out")
     assert result.exit_code != 0
     folder = tmp_path / "out" / "story"
@@ -139,8 +158,10 @@ def test_init_from_npz_and_from_a_construct_result(tmp_path, rng):
     """
     spec = write_spec(tmp_path, text)
     assert invoke("construct", spec, "-o", tmp_path / "out").exit_code == 0
-    table = {r["experiment"]: r for r in rows(invoke("flow", spec, "-o", tmp_path / "out",
-                                                     "--json"))}
+    table = {
+        r["experiment"]: r
+        for r in rows(invoke("flow", spec, "-o", tmp_path / "out", "--json"))
+    }
     res = store.load(table["from-npz"]["path"])
     np.testing.assert_array_equal(res["network"]["initial"]["W1"], params[0][0])
     # the constructed minimizer is a zero-cost start: the flow stays there
@@ -157,7 +178,7 @@ def test_init_with_wrong_shapes_fails_the_run(tmp_path, rng):
         network: {activation: tanh, init: {source: file, path: w.npz}}
     """
     result = invoke("flow", write_spec(tmp_path, text), "-o", tmp_path / "o", "--json")
-    row, = rows(result)
+    (row,) = rows(result)
     assert result.exit_code == 1 and row["status"] == "failed"
     assert "R^5" in row["message"] and "3 inputs" in row["message"]
 
@@ -171,23 +192,38 @@ def test_cross_entropy_needs_positive_labels(tmp_path):
         network: {hidden: [10], activation: softplus}
         flow: {kind: adapted, loss: ce, time: 30, record: {points: 5}SMOOTH}
     """
-    bad = invoke("flow", write_spec(tmp_path, base.replace("SMOOTH", "")), "-o",
-                 tmp_path / "o", "--json")
+    bad = invoke(
+        "flow",
+        write_spec(tmp_path, base.replace("SMOOTH", "")),
+        "-o",
+        tmp_path / "o",
+        "--json",
+    )
     assert bad.exit_code == 1 and "label_smoothing" in rows(bad)[0]["message"]
-    good = invoke("flow", write_spec(tmp_path, base.replace("SMOOTH", ", label_smoothing: 0.1"),
-                                     "ce.yaml"), "-o", tmp_path / "o2", "--json")
-    row, = rows(good)
+    good = invoke(
+        "flow",
+        write_spec(
+            tmp_path, base.replace("SMOOTH", ", label_smoothing: 0.1"), "ce.yaml"
+        ),
+        "-o",
+        tmp_path / "o2",
+        "--json",
+    )
+    (row,) = rows(good)
     assert row["status"] == "ok" and row["cost_kind"] == "cross-entropy"
     traj = store.load(row["path"])["trajectory"]
     assert np.abs(traj["row_sum_drift"]).max() < 1e-8
     assert np.all(np.diff(traj["minimizer_distance"]) <= 1e-9)
 
 
-@pytest.mark.parametrize("body,needle", [
-    ("flow: {solver: euler}", "flow.step"),
-    ("flow: {kind: sideways}", "sideways"),
-    ("flow: {alpha: 2}", "<= 1"),
-])
+@pytest.mark.parametrize(
+    "body,needle",
+    [
+        ("flow: {solver: euler}", "flow.step"),
+        ("flow: {kind: sideways}", "sideways"),
+        ("flow: {alpha: 2}", "<= 1"),
+    ],
+)
 def test_flow_spec_errors(tmp_path, body, needle):
     text = f"""\
     experiments:
@@ -213,9 +249,10 @@ def test_seeded_flow_needs_hidden_widths(tmp_path):
 
 
 def test_rank_loss_experiment_levels_off_at_the_closed_form(tmp_path):
-    result = invoke("flow", "experiments.yaml", "-e", "flow-rank-loss", "-o", tmp_path,
-                    "--json")
-    row, = rows(result)
+    result = invoke(
+        "flow", "experiments.yaml", "-e", "flow-rank-loss", "-o", tmp_path, "--json"
+    )
+    (row,) = rows(result)
     # two classes share their inputs: C_inf = (1/2N) sum |y_n - group mean|^2 = 1/6
     assert row["status"] == "ok" and row["cost_final"] == pytest.approx(1 / 6, rel=1e-5)
     assert row["parametrization"] == "under"

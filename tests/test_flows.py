@@ -38,8 +38,7 @@ def smooth_problem(n_samples=6, dim=3, n_outputs=2, hidden=(12, 12), seed=0):
     X = rng.standard_normal((n_samples, dim))
     Y = rng.standard_normal((n_samples, n_outputs))
     widths = [dim, *hidden, n_outputs]
-    params = nw.init_params(widths, rng=seed + 1, scheme="glorot",
-                            bias_scale=0.1)
+    params = nw.init_params(widths, rng=seed + 1, scheme="glorot", bias_scale=0.1)
     return X, Y, params
 
 
@@ -49,8 +48,9 @@ def duplicated_problem(sizes=(2, 2, 1, 3), dim=3, n_outputs=2, seed=5):
     groups = np.repeat(np.arange(len(sizes)), sizes)
     X = rng.standard_normal((len(sizes), dim))[groups]
     Y = rng.standard_normal((groups.size, n_outputs))
-    params = nw.init_params([dim, 12, 12, n_outputs], rng=seed + 1,
-                            scheme="glorot", bias_scale=0.1)
+    params = nw.init_params(
+        [dim, 12, 12, n_outputs], rng=seed + 1, scheme="glorot", bias_scale=0.1
+    )
     return X, Y, params, groups
 
 
@@ -86,8 +86,17 @@ def smooth():
 def adapted_run(smooth):
     """Adapted flow (as homotopy alpha = 1) to s = 5N on a t-grid."""
     X, Y, params = smooth
-    return run(params, X, Y, kind="homotopy", alpha=1.0, time=5 * len(X),
-               record=60, grid="t", **TIGHT)
+    return run(
+        params,
+        X,
+        Y,
+        kind="homotopy",
+        alpha=1.0,
+        time=5 * len(X),
+        record=60,
+        grid="t",
+        **TIGHT,
+    )
 
 
 # --------------------------------------------------------------------------
@@ -100,8 +109,9 @@ def test_pullback_matches_vjp(smooth, rng):
     c = rng.standard_normal(X.shape[0] * 2)
     cache = nw.forward_cache(params, X, activation="tanh")
     expected = nw.vjp(params, X, c, activation="tanh")
-    np.testing.assert_allclose(fl._pullback(params, cache, c), expected,
-                               rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(
+        fl._pullback(params, cache, c), expected, rtol=1e-13, atol=1e-15
+    )
 
 
 def test_hysteresis_drops_below_lo_and_readmits_above_hi():
@@ -123,8 +133,7 @@ def test_recording_grids():
     t = -np.expm1(-s / n_samples)
     np.testing.assert_allclose(np.diff(t), np.diff(t)[0], rtol=1e-12)
     assert s[0] == 0 and s[-1] == 20.0
-    log = fl.recording_times(fl.FlowOptions(time=10.0, record=5, grid="log"),
-                             n_samples)
+    log = fl.recording_times(fl.FlowOptions(time=10.0, record=5, grid="log"), n_samples)
     np.testing.assert_allclose(log[1:], np.geomspace(1e-3, 10.0, 4), rtol=1e-12)
     assert log[0] == 0
     default = fl.recording_times(fl.FlowOptions(record=3), n_samples)
@@ -142,15 +151,28 @@ def test_s1_output_velocity_is_minus_G_g(smooth, route):
     v = fl.velocity(params, X, Y, fl.FlowOptions(kind="standard", route=route))
     G = nw.ntk(params, X, activation="tanh")
     g = (stacked(params, X) - Y.ravel()) / len(X)
-    np.testing.assert_allclose(nw.jvp(params, X, v, activation="tanh"),
-                               -G @ g, rtol=1e-12, atol=1e-14 * np.abs(G @ g).max())
+    np.testing.assert_allclose(
+        nw.jvp(params, X, v, activation="tanh"),
+        -G @ g,
+        rtol=1e-12,
+        atol=1e-14 * np.abs(G @ g).max(),
+    )
 
 
 @pytest.fixture(scope="module")
 def standard_run(smooth):
     X, Y, params = smooth
-    return run(params, X, Y, kind="standard", time=5 * len(X), record=200,
-               solver="RK45", rtol=1e-10, atol=1e-12)
+    return run(
+        params,
+        X,
+        Y,
+        kind="standard",
+        time=5 * len(X),
+        record=200,
+        solver="RK45",
+        rtol=1e-10,
+        atol=1e-12,
+    )
 
 
 def test_s2_cost_non_increasing(standard_run):
@@ -164,8 +186,10 @@ def test_s3_gronwall_sandwich(standard_run, smooth):
     rec = standard_run.records
     s, cost = rec["s"], rec["cost"]
     integral = {
-        key: np.concatenate([[0.0], np.cumsum(
-            0.5 * np.diff(s) * (rec[key][1:] + rec[key][:-1]))])
+        key: np.concatenate([
+            [0.0],
+            np.cumsum(0.5 * np.diff(s) * (rec[key][1:] + rec[key][:-1])),
+        ])
         for key in ("ntk_min", "ntk_max")
     }
     upper = cost[0] * np.exp(-2 / n_samples * integral["ntk_min"])
@@ -183,9 +207,11 @@ def test_standard_flow_records_and_result(standard_run, smooth):
     assert "projector_rank" not in rec and "row_sum_drift" not in rec
     assert (res.K, res.QN, res.parametrization) == (K, QN, "over")
     assert res.exp_rel_error is None and res.line_rel_error is None
-    np.testing.assert_allclose(rec["grad_norm"] / rec["ratio"],
-                               np.linalg.norm(rec["x"] - Y.ravel(), axis=1)
-                               / len(X), rtol=1e-12)
+    np.testing.assert_allclose(
+        rec["grad_norm"] / rec["ratio"],
+        np.linalg.norm(rec["x"] - Y.ravel(), axis=1) / len(X),
+        rtol=1e-12,
+    )
     theta_final = nw.flatten(res.params)
     np.testing.assert_array_equal(theta_final, rec["theta"][-1])
     assert res.min_ntk_eigenvalue == pytest.approx(rec["ntk_min"].min())
@@ -207,14 +233,17 @@ def test_a1_pseudo_inverse_identities(smooth):
     D_plus = np.linalg.pinv(D)
     normal_plus = np.linalg.pinv(D.T @ D, rtol=1e-11, hermitian=True)
     scale = np.abs(normal_plus).max()
-    np.testing.assert_allclose(D_plus @ np.linalg.pinv(D.T), normal_plus,
-                               rtol=rtol, atol=rtol * scale)  # identity 1
+    np.testing.assert_allclose(
+        D_plus @ np.linalg.pinv(D.T), normal_plus, rtol=rtol, atol=rtol * scale
+    )  # identity 1
     v = -D_plus @ g
     np.testing.assert_allclose(-D.T @ np.linalg.solve(G, g), v, rtol=rtol)
-    np.testing.assert_allclose(-normal_plus @ (D.T @ g), v, rtol=rtol,
-                               atol=rtol * np.abs(v).max())  # identity 2
-    np.testing.assert_allclose(D.T @ np.linalg.inv(G), D_plus, rtol=rtol,
-                               atol=rtol * np.abs(D_plus).max())  # identity 3
+    np.testing.assert_allclose(
+        -normal_plus @ (D.T @ g), v, rtol=rtol, atol=rtol * np.abs(v).max()
+    )  # identity 2
+    np.testing.assert_allclose(
+        D.T @ np.linalg.inv(G), D_plus, rtol=rtol, atol=rtol * np.abs(D_plus).max()
+    )  # identity 3
     computed = fl.velocity(params, X, Y, fl.FlowOptions(kind="adapted"))
     np.testing.assert_allclose(computed, v, rtol=rtol)
 
@@ -234,8 +263,7 @@ def test_a2_a3_exponential_law_and_straight_line(adapted_run, smooth):
     np.testing.assert_allclose(rec["line_rel_error"], line_err, atol=1e-12)
     np.testing.assert_allclose(rec["exp_rel_error"], exp_err, atol=1e-12)
     assert adapted_run.exp_rel_error == pytest.approx(exp_err.max(), abs=1e-12)
-    assert adapted_run.line_rel_error == pytest.approx(line_err.max(),
-                                                       abs=1e-12)
+    assert adapted_run.line_rel_error == pytest.approx(line_err.max(), abs=1e-12)
 
 
 def test_a4_straightness(adapted_run, smooth):
@@ -264,8 +292,12 @@ def test_a5_kernel_and_jacobian_routes_agree(smooth, alpha):
     X, Y, params = smooth
     G = nw.ntk(params, X, activation="tanh")
     kappa = np.linalg.cond(G)
-    routes = [fl.velocity(params, X, Y, fl.FlowOptions(
-        kind="homotopy", alpha=alpha, route=route)) for route in fl.ROUTES]
+    routes = [
+        fl.velocity(
+            params, X, Y, fl.FlowOptions(kind="homotopy", alpha=alpha, route=route)
+        )
+        for route in fl.ROUTES
+    ]
     error = np.linalg.norm(routes[0] - routes[1]) / np.linalg.norm(routes[1])
     assert error <= 1e3 * EPS * kappa
 
@@ -284,8 +316,9 @@ def test_h1_output_velocity(smooth, alpha, route):
     D = nw.jacobian(params, X, activation="tanh")
     g = (stacked(params, X) - Y.ravel()) / len(X)
     expected = -((1 - alpha) * D @ D.T + alpha * range_projector(D)) @ g
-    np.testing.assert_allclose(D @ v, expected, rtol=1e-10,
-                               atol=1e-12 * np.abs(expected).max())
+    np.testing.assert_allclose(
+        D @ v, expected, rtol=1e-10, atol=1e-12 * np.abs(expected).max()
+    )
 
 
 @pytest.mark.parametrize("route", fl.ROUTES)
@@ -310,8 +343,17 @@ def test_h2_same_zero_set_for_every_alpha(route):
 @pytest.mark.parametrize("alpha", [0.0, 0.5])
 def test_h3_cost_non_increasing(smooth, alpha):
     X, Y, params = smooth
-    res = run(params, X, Y, kind="homotopy", alpha=alpha, time=3 * len(X),
-              record=80, rtol=1e-9, atol=1e-11)
+    res = run(
+        params,
+        X,
+        Y,
+        kind="homotopy",
+        alpha=alpha,
+        time=3 * len(X),
+        record=80,
+        rtol=1e-9,
+        atol=1e-11,
+    )
     cost = res.records["cost"]
     assert res.status == "ok"
     assert np.all(np.diff(cost) <= 1e-12 * cost[0])
@@ -331,8 +373,9 @@ def test_h3_alpha_one_satisfies_a3(adapted_run):
 @pytest.fixture(scope="module")
 def duplicated_run():
     X, Y, params, groups = duplicated_problem()
-    res = run(params, X, Y, kind="adapted", time=5 * len(X), record=40,
-              grid="t", **TIGHT)
+    res = run(
+        params, X, Y, kind="adapted", time=5 * len(X), record=40, grid="t", **TIGHT
+    )
     return res, X, Y, groups
 
 
@@ -384,17 +427,30 @@ def test_damped_output_flow():
     G = nw.ntk(params, X, activation="tanh")
     g = (stacked(params, X) - Y.ravel()) / len(X)
     expected = -G @ np.linalg.solve(G + lam * np.eye(len(G)), g)
-    np.testing.assert_allclose(nw.jvp(params, X, v, activation="tanh"),
-                               expected, rtol=1e-9,
-                               atol=1e-11 * np.abs(expected).max())
+    np.testing.assert_allclose(
+        nw.jvp(params, X, v, activation="tanh"),
+        expected,
+        rtol=1e-9,
+        atol=1e-11 * np.abs(expected).max(),
+    )
 
 
 def test_underparametrized_flow_is_reported():
     X, Y, _ = smooth_problem(n_samples=20, n_outputs=2)
     params = nw.init_params([3, 3, 2], rng=2, scheme="glorot", bias_scale=0.1)
-    res = run(params, X, Y, kind="adapted", time=20.0, record=5,
-              solver="RK45", rtol=1e-8, atol=1e-10, damping=1e-4,
-              wall_limit=30.0)
+    res = run(
+        params,
+        X,
+        Y,
+        kind="adapted",
+        time=20.0,
+        record=5,
+        solver="RK45",
+        rtol=1e-8,
+        atol=1e-10,
+        damping=1e-4,
+        wall_limit=30.0,
+    )
     assert (res.K, res.QN, res.parametrization) == (20, 40, "under")
     assert (res.status, res.stop_reason) == ("ok", "time")
     assert np.all(res.records["ntk_rank"] <= 20)
@@ -414,8 +470,16 @@ def test_rank_changes_only_between_accepted_steps(monkeypatch):
         return v
 
     monkeypatch.setattr(fl._Field, "__call__", frozen_rank)
-    res = run(params, X, Y, kind="adapted", time=10.0, record=21,
-              solver="RK45", rank_cutoff=1e-6)
+    res = run(
+        params,
+        X,
+        Y,
+        kind="adapted",
+        time=10.0,
+        record=21,
+        solver="RK45",
+        rank_cutoff=1e-6,
+    )
     assert res.status == "ok", res.message
     assert res.rank_changes > 0
     ranks = res.records["projector_rank"]
@@ -471,8 +535,17 @@ def test_ce_huge_logits_do_not_overflow():
 def ce_run():
     X, _, params = smooth_problem(n_samples=5, n_outputs=3, seed=11)
     Y = positive_labels(5, 3)
-    return run(params, X, Y, kind="adapted", loss="ce", time=30 * len(X),
-               record=50, grid="log", **TIGHT), Y
+    return run(
+        params,
+        X,
+        Y,
+        kind="adapted",
+        loss="ce",
+        time=30 * len(X),
+        record=50,
+        grid="log",
+        **TIGHT,
+    ), Y
 
 
 def test_ce2_row_sums_conserved(ce_run):
@@ -495,7 +568,8 @@ def test_ce3_cost_and_distance_decrease_to_minimum(ce_run):
     x0 = rec["x"][0].reshape(Y.shape)
     x_star = fl.ce_minimizer(x0, Y).ravel()
     assert np.linalg.norm(rec["x"][-1] - x_star) == pytest.approx(
-        rec["minimizer_distance"][-1], rel=1e-12)
+        rec["minimizer_distance"][-1], rel=1e-12
+    )
 
 
 def test_ce_rejects_non_positive_labels(smooth):
@@ -514,8 +588,17 @@ def test_ce_rejects_non_positive_labels(smooth):
 @pytest.mark.parametrize("solver", ["RK45", "DOP853", "LSODA", "BDF", "Radau"])
 def test_every_solver_follows_the_exponential_law(solver):
     X, Y, params = smooth_problem(n_samples=4, n_outputs=1, hidden=(5,))
-    res = run(params, X, Y, kind="adapted", time=2 * len(X), record=9,
-              solver=solver, rtol=1e-9, atol=1e-11)
+    res = run(
+        params,
+        X,
+        Y,
+        kind="adapted",
+        time=2 * len(X),
+        record=9,
+        solver=solver,
+        rtol=1e-9,
+        atol=1e-11,
+    )
     assert res.status == "ok", res.message
     assert res.exp_rel_error <= 1e-5
     assert res.rhs_evaluations >= res.steps > 0
@@ -525,13 +608,15 @@ def test_every_solver_follows_the_exponential_law(solver):
 def test_euler_converges_with_order_one(smooth, kind):
     X, Y, params = smooth
     horizon = float(len(X))
-    reference = run(params, X, Y, kind=kind, time=horizon, record=2,
-                    **TIGHT).records["x"][-1]
+    reference = run(params, X, Y, kind=kind, time=horizon, record=2, **TIGHT).records[
+        "x"
+    ][-1]
     steps = horizon / np.array([32, 64, 128, 256])
     errors = []
     for h in steps:
-        res = run(params, X, Y, kind=kind, time=horizon, record=2,
-                  solver="euler", step=h)
+        res = run(
+            params, X, Y, kind=kind, time=horizon, record=2, solver="euler", step=h
+        )
         assert res.s_final == pytest.approx(horizon, rel=1e-12)
         assert res.steps == round(horizon / h)
         errors.append(np.linalg.norm(res.records["x"][-1] - reference))
@@ -541,8 +626,9 @@ def test_euler_converges_with_order_one(smooth, kind):
 
 def test_euler_records_at_nearest_step(smooth):
     X, Y, params = smooth
-    res = run(params, X, Y, kind="standard", time=1.0, record=4,
-              solver="euler", step=0.3)
+    res = run(
+        params, X, Y, kind="standard", time=1.0, record=4, solver="euler", step=0.3
+    )
     # grid 0, 1/3, 2/3, 1 -> nearest steps 0, 0.3, 0.6, 0.9; and the final
     # state after ceil(1 / 0.3) = 4 steps
     np.testing.assert_allclose(res.records["s"], [0.0, 0.3, 0.6, 0.9, 1.2])
@@ -552,8 +638,7 @@ def test_euler_records_at_nearest_step(smooth):
 @pytest.mark.parametrize("kind", ["standard", "adapted"])
 def test_huge_euler_step_blows_up_with_advice(smooth, kind):
     X, Y, params = smooth
-    res = run(params, X, Y, kind=kind, time=1e9, solver="euler", step=1e8,
-              record=3)
+    res = run(params, X, Y, kind=kind, time=1e9, solver="euler", step=1e8, record=3)
     assert (res.status, res.stop_reason) == ("failed", "blowup")
     assert "flow.step" in res.message
     assert ("flow.damping" in res.message) == (kind == "adapted")
@@ -568,15 +653,15 @@ def near_duplicate_problem():
     X[1] = X[0] + 1e-6 * rng.standard_normal(3)
     Y = rng.standard_normal((6, 1))
     Y[1] = Y[0] + 1.0
-    params = nw.init_params([3, 10, 10, 1], rng=1, scheme="glorot",
-                            bias_scale=0.1)
+    params = nw.init_params([3, 10, 10, 1], rng=1, scheme="glorot", bias_scale=0.1)
     return X, Y, params
 
 
 def test_nearly_singular_kernel_without_cutoff_stalls_with_advice():
     X, Y, params = near_duplicate_problem()
-    res = run(params, X, Y, kind="adapted", rank_cutoff=1e-30, time=30.0,
-              wall_limit=30.0)
+    res = run(
+        params, X, Y, kind="adapted", rank_cutoff=1e-30, time=30.0, wall_limit=30.0
+    )
     assert (res.status, res.stop_reason) == ("failed", "stalled")
     assert "flow.damping: 1e-6" in res.message
     assert res.steps == fl.STALL_WINDOW
@@ -594,11 +679,18 @@ def test_stop_cost_at_the_a_priori_time(smooth):
     n_samples = len(X)
     cost0 = fl.cost_and_gradient(stacked(params, X).reshape(Y.shape), Y)[0]
     target = 1e-3 * cost0
-    res = run(params, X, Y, kind="adapted", time=10 * n_samples,
-              stop_cost=target, record=11, **TIGHT)
+    res = run(
+        params,
+        X,
+        Y,
+        kind="adapted",
+        time=10 * n_samples,
+        stop_cost=target,
+        record=11,
+        **TIGHT,
+    )
     assert (res.status, res.stop_reason) == ("ok", "cost")
-    assert res.s_final == pytest.approx(n_samples / 2 * math.log(1e3),
-                                        rel=1e-6)
+    assert res.s_final == pytest.approx(n_samples / 2 * math.log(1e3), rel=1e-6)
     assert res.cost_final == pytest.approx(target, rel=1e-6)
     assert res.records["s"][-1] == res.s_final
     assert np.all(np.diff(res.records["s"]) > 0)
@@ -606,8 +698,17 @@ def test_stop_cost_at_the_a_priori_time(smooth):
 
 def test_stop_cost_with_euler(smooth):
     X, Y, params = smooth
-    res = run(params, X, Y, kind="standard", time=100.0, solver="euler",
-              step=0.05, stop_cost=0.5 * 0.674, record=3)
+    res = run(
+        params,
+        X,
+        Y,
+        kind="standard",
+        time=100.0,
+        solver="euler",
+        step=0.05,
+        stop_cost=0.5 * 0.674,
+        record=3,
+    )
     assert res.stop_reason == "cost"
     assert res.cost_final <= 0.5 * 0.674 < res.records["cost"][-2]
 
@@ -615,8 +716,16 @@ def test_stop_cost_with_euler(smooth):
 @pytest.mark.parametrize("solver", ["RK45", "euler"])
 def test_wall_limit_stops_after_one_step(smooth, solver):
     X, Y, params = smooth
-    res = run(params, X, Y, kind="standard", solver=solver, step=0.01,
-              wall_limit=1e-9, record=5)
+    res = run(
+        params,
+        X,
+        Y,
+        kind="standard",
+        solver=solver,
+        step=0.01,
+        wall_limit=1e-9,
+        record=5,
+    )
     assert (res.status, res.stop_reason, res.steps) == ("ok", "wall", 1)
     assert "flow.wall_limit" in res.message
     assert res.records["s"][-1] == res.s_final > 0
@@ -625,14 +734,29 @@ def test_wall_limit_stops_after_one_step(smooth, solver):
 def test_callbacks_see_every_record_in_order(smooth):
     X, Y, params = smooth
     seen, fractions = [], []
-    res = fl.integrate(params, X, Y, fl.FlowOptions(time=6.0, record=7,
-                                                    store_theta=False),
-                       on_record=seen.append,
-                       progress=lambda s, s_max: fractions.append(s / s_max))
+    res = fl.integrate(
+        params,
+        X,
+        Y,
+        fl.FlowOptions(time=6.0, record=7, store_theta=False),
+        on_record=seen.append,
+        progress=lambda s, s_max: fractions.append(s / s_max),
+    )
     assert [rec["s"] for rec in seen] == list(res.records["s"])
     assert set(seen[0]) == {
-        "s", "t", "cost", "x", "grad_norm", "ratio", "ntk_min", "ntk_max",
-        "ntk_rank", "projector_rank", "exp_rel_error", "line_rel_error"}
+        "s",
+        "t",
+        "cost",
+        "x",
+        "grad_norm",
+        "ratio",
+        "ntk_min",
+        "ntk_max",
+        "ntk_rank",
+        "projector_rank",
+        "exp_rel_error",
+        "line_rel_error",
+    }
     assert np.all(np.diff(fractions) > 0) and fractions[-1] == 1.0
     assert len(fractions) == res.steps
 
@@ -645,20 +769,24 @@ def test_keyboard_interrupt_propagates(smooth):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fl.integrate(params, X, Y, fl.FlowOptions(time=6.0, record=4),
-                     on_record=interrupt)
+        fl.integrate(
+            params, X, Y, fl.FlowOptions(time=6.0, record=4), on_record=interrupt
+        )
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"solver": "rk4"}, "flow.solver"),
-    ({"solver": "euler"}, "flow.step"),
-    ({"kind": "homotopy", "alpha": 1.5}, "flow.alpha"),
-    ({"rank_cutoff": 0.5}, "flow.rank_cutoff"),
-    ({"rtol": 1e-16}, "flow.rtol"),
-    ({"record": 1}, "flow.record"),
-    ({"damping": -1.0}, "flow.damping"),
-    ({"grid": "cubic"}, "flow.grid"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"solver": "rk4"}, "flow.solver"),
+        ({"solver": "euler"}, "flow.step"),
+        ({"kind": "homotopy", "alpha": 1.5}, "flow.alpha"),
+        ({"rank_cutoff": 0.5}, "flow.rank_cutoff"),
+        ({"rtol": 1e-16}, "flow.rtol"),
+        ({"record": 1}, "flow.record"),
+        ({"damping": -1.0}, "flow.damping"),
+        ({"grid": "cubic"}, "flow.grid"),
+    ],
+)
 def test_bad_options_name_the_key(smooth, change, message):
     X, Y, params = smooth
     with pytest.raises(ValueError, match=message):

@@ -43,9 +43,7 @@ def make_problem(widths, n_samples, activation, seed):
     """Random params and inputs, with ReLU pre-activations off the kinks."""
     rng = np.random.default_rng(seed)
     for _ in range(50):
-        params = nw.init_params(
-            widths, rng=rng, scheme="glorot", bias_scale=0.5
-        )
+        params = nw.init_params(widths, rng=rng, scheme="glorot", bias_scale=0.5)
         X = rng.standard_normal((n_samples, widths[0]))
         if activation != "relu" or kink_distance(params, X) > KINK_MARGIN:
             return params, X
@@ -312,9 +310,7 @@ DEPTHS = [[3, 3], [3, 5, 3], [3, 5, 4, 3], [2, 4, 4, 4, 3]]
 
 @pytest.mark.parametrize("widths", DEPTHS, ids=str)
 @pytest.mark.parametrize("block_rows", [1, 4, 7, 30])
-def test_ntk_blocking_does_not_change_the_kernel(
-    monkeypatch, block_rows, widths
-):
+def test_ntk_blocking_does_not_change_the_kernel(monkeypatch, block_rows, widths):
     # Uneven blocks, blocks smaller than Q and a single block, for 0 to 3
     # hidden layers (each sums its layer terms differently).
     params, X = make_problem(widths, 11, "tanh", 8)

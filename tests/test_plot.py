@@ -65,9 +65,17 @@ def written(result):
 
 # ------------------------------------------------------------- fixtures
 
+
 def _writer(path, kind, **attrs):
-    return ResultWriter(path, kind=kind, experiment="synthetic", run_id=path.stem,
-                        seed=0, point={}, **attrs)
+    return ResultWriter(
+        path,
+        kind=kind,
+        experiment="synthetic",
+        run_id=path.stem,
+        seed=0,
+        point={},
+        **attrs,
+    )
 
 
 def write_trap(path):
@@ -80,16 +88,27 @@ def write_trap(path):
         inside = s[r < e]
         rows.append((e, inside[0], inside[-1]))
     with _writer(path, "trap") as w:
-        for name, value in {"s": s, "r": r, "speed": r * 0.1, "z_norm": np.exp(-s / 50),
-                            "cost": 0.5 * np.exp(-s / 25)}.items():
+        for name, value in {
+            "s": s,
+            "r": r,
+            "speed": r * 0.1,
+            "z_norm": np.exp(-s / 50),
+            "cost": 0.5 * np.exp(-s / 25),
+        }.items():
             w.array("trap", name, value)
         w.set_attrs("trap", eps=eps)
         e, s0, s1 = (np.array(c) for c in zip(*rows))
         length = s1 - s0
-        for name, value in {"eps": e, "s0": s0, "s1": s1, "length": length,
-                            "L_U": 0.01 * length, "bound": 0.4 * length,
-                            "sharp_bound": 0.8 * length,
-                            "violated": np.array([False, False])}.items():
+        for name, value in {
+            "eps": e,
+            "s0": s0,
+            "s1": s1,
+            "length": length,
+            "L_U": 0.01 * length,
+            "bound": 0.4 * length,
+            "sharp_bound": 0.8 * length,
+            "violated": np.array([False, False]),
+        }.items():
             w.array("trap/intervals", name, value)
         w.finish(summary={"point": {}, "cost": 0.01, "status": "ok"})
     return path
@@ -100,13 +119,15 @@ def write_collapse(path):
     layer = np.arange(5)
     with _writer(path, "collapse") as w:
         w.array("collapse", "layer", layer)
-        for name, value in {"nc1": [1.0, 0.4, 0.1, 0.01, 0.0],
-                            "nc1_quotient": [0.8, 0.3, 0.1, 0.02, 0.0],
-                            "cdnv": [0.5, 0.2, 0.05, 0.01, 0.0],
-                            "equinorm_means": [0.3, 0.2, 0.1, 0.05, 0.01],
-                            "equiangular_means": [0.2, 0.2, 0.1, 0.05, 0.02],
-                            "maxangle_means": [0.5, 0.4, 0.3, 0.1, 0.05],
-                            "ncc_mismatch": [0.3, 0.1, 0.0, 0.0, 0.0]}.items():
+        for name, value in {
+            "nc1": [1.0, 0.4, 0.1, 0.01, 0.0],
+            "nc1_quotient": [0.8, 0.3, 0.1, 0.02, 0.0],
+            "cdnv": [0.5, 0.2, 0.05, 0.01, 0.0],
+            "equinorm_means": [0.3, 0.2, 0.1, 0.05, 0.01],
+            "equiangular_means": [0.2, 0.2, 0.1, 0.05, 0.02],
+            "maxangle_means": [0.5, 0.4, 0.3, 0.1, 0.05],
+            "ncc_mismatch": [0.3, 0.1, 0.0, 0.0, 0.0],
+        }.items():
             w.array("collapse", name, np.array(value))
         s = np.linspace(0.0, 5.0, 51)
         q = np.clip(np.stack([s / 2.0, s / 2.5], axis=1), 0.0, 1.0)
@@ -149,10 +170,13 @@ def results(tmp_path_factory):
     assert run.exit_code == 1, run.output  # radius 0.6 fails on purpose
     out = tmp / "out"
     return {
-        "q3": out / "q3" / "run.h5", "q4-m5": out / "q4-m5" / "run.h5",
-        "family": out / "family" / "run.h5", "radius": out / "radius",
+        "q3": out / "q3" / "run.h5",
+        "q4-m5": out / "q4-m5" / "run.h5",
+        "family": out / "family" / "run.h5",
+        "radius": out / "radius",
         "failed": out / "radius" / "data.radius=0.6_seed=0.h5",
-        "story": out / "story", "adapted": out / "story" / "flow.kind=adapted.h5",
+        "story": out / "story",
+        "adapted": out / "story" / "flow.kind=adapted.h5",
         "ce": out / "ce" / "run.h5",
         "trap": write_trap(tmp / "syn" / "trap.h5"),
         "collapse": write_collapse(tmp / "syn" / "collapse.h5"),
@@ -164,11 +188,22 @@ def results(tmp_path_factory):
 
 # the defaults (q3 layers, story flow, radius sweep) render in the tests below
 CASES = [
-    ("q3", "data"), ("q4-m5", "layers"), ("family", "patterns"), ("failed", "data"),
-    ("adapted", "flow"), ("adapted", "cost"), ("adapted", "outputs"),
-    ("adapted", "ntk"), ("ce", "flow"), ("story", "outputs"), ("story", "sweep"),
-    ("trap", "trap"), ("trap", "bound"), ("collapse", "collapse"),
-    ("collapse", "effective"), ("partial", "flow"),
+    ("q3", "data"),
+    ("q4-m5", "layers"),
+    ("family", "patterns"),
+    ("failed", "data"),
+    ("adapted", "flow"),
+    ("adapted", "cost"),
+    ("adapted", "outputs"),
+    ("adapted", "ntk"),
+    ("ce", "flow"),
+    ("story", "outputs"),
+    ("story", "sweep"),
+    ("trap", "trap"),
+    ("trap", "bound"),
+    ("collapse", "collapse"),
+    ("collapse", "effective"),
+    ("partial", "flow"),
 ]
 
 
@@ -202,8 +237,9 @@ def test_default_names_sit_next_to_the_input(results):
 
 
 def test_all_writes_every_figure_that_applies(results, tmp_path):
-    paths = written(invoke("plot", results["trap"], "--what", "all",
-                           "-o", tmp_path / "f"))
+    paths = written(
+        invoke("plot", results["trap"], "--what", "all", "-o", tmp_path / "f")
+    )
     assert sorted(p.rsplit("-", 1)[1] for p in paths) == ["bound.png", "trap.png"]
 
 
@@ -214,13 +250,16 @@ def test_unknown_figure_lists_the_names(results):
     assert "layers" in result.stderr and "sweep" in result.stderr
 
 
-@pytest.mark.parametrize("key,what,needle", [
-    ("q3", "trap", "no trap/ group"),
-    ("adapted", "collapse", "no collapse/ group"),
-    ("q3", "sweep", "compares the runs of a folder"),
-    ("story", "layers", "draws one run"),
-    ("failed", "layers", "no truncation/ group"),
-])
+@pytest.mark.parametrize(
+    "key,what,needle",
+    [
+        ("q3", "trap", "no trap/ group"),
+        ("adapted", "collapse", "no collapse/ group"),
+        ("q3", "sweep", "compares the runs of a folder"),
+        ("story", "layers", "draws one run"),
+        ("failed", "layers", "no truncation/ group"),
+    ],
+)
 def test_nothing_to_plot_exits_2_with_the_reason(results, key, what, needle):
     result = invoke("plot", results[key], "--what", what)
     assert result.exit_code == 2
@@ -270,10 +309,16 @@ def test_adapted_outputs_are_drawn_on_the_straight_line(results):
 
 
 def test_help_does_not_import_matplotlib():
-    code = ("import sys; from dlmin.cli import app, plotcmd; "
-            "print(json.dumps('matplotlib' in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", "import json; " + code],
-                         capture_output=True, text=True, check=True)
+    code = (
+        "import sys; from dlmin.cli import app, plotcmd; "
+        "print(json.dumps('matplotlib' in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", "import json; " + code],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert json.loads(out.stdout) is False
 
 
@@ -285,9 +330,15 @@ def test_trap_files_with_flat_interval_columns_plot_too(results, tmp_path):
     with _writer(flat, "trap") as w:
         for name in ("s", "r", "cost"):
             w.array("trap", name, res["trap"][name])
-        for name, alias in (("eps", "eps"), ("s0", "s0"), ("s1", "s1"),
-                            ("length", "length"), ("bound", "bound"),
-                            ("sharp_bound", "bound_sharp"), ("violated", "violated")):
+        for name, alias in (
+            ("eps", "eps"),
+            ("s0", "s0"),
+            ("s1", "s1"),
+            ("length", "length"),
+            ("bound", "bound"),
+            ("sharp_bound", "bound_sharp"),
+            ("violated", "violated"),
+        ):
             w.array("trap", f"interval_{alias}", res["trap"]["intervals"][name])
         w.array("trap", "adapted_s", res["trap"]["s"])
         w.array("trap", "adapted_r", np.ones_like(res["trap"]["r"]))
@@ -353,8 +404,11 @@ def write_fractions_only(path, T=5, L=2, Q=2):
         w.array("truncview", "fractions", F[-1])
         w.array("truncview", "spread", np.ones((L, Q)))
         w.array("truncview", "fractions_t", F)
-        w.array("truncview", "spread_t", np.exp(-np.arange(T))[:, None, None]
-                * np.ones((1, L, Q)))
+        w.array(
+            "truncview",
+            "spread_t",
+            np.exp(-np.arange(T))[:, None, None] * np.ones((1, L, Q)),
+        )
         w.array("truncview", "s", np.linspace(0.0, 4.0, T))
         w.finish()
     return path
@@ -379,11 +433,17 @@ def views(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("key,what", [
-    ("q3", "truncview"), ("q4-m5", "truncview"), ("flow-view", "truncview"),
-    ("flow-view", "truncation-time"), ("fractions", "truncview"),
-    ("fractions", "truncation-time"),
-])
+@pytest.mark.parametrize(
+    "key,what",
+    [
+        ("q3", "truncview"),
+        ("q4-m5", "truncview"),
+        ("flow-view", "truncview"),
+        ("flow-view", "truncation-time"),
+        ("fractions", "truncview"),
+        ("fractions", "truncation-time"),
+    ],
+)
 def test_truncview_figures_render(views, tmp_path, key, what):
     target = tmp_path / f"{key}-{what}.png"
     paths = written(invoke("plot", views[key], "--what", what, "-o", target))
@@ -437,12 +497,15 @@ def test_animation_frames_are_at_most_forty():
     assert list(figures.animation_frames(3)) == [0, 1, 2]
 
 
-@pytest.mark.parametrize("key,what,needle", [
-    ("construct", "truncview", "no truncview/ group"),
-    ("flow", "animation", "no truncview/ group"),
-    ("q3", "truncation-time", "no truncview/fractions_t"),
-    ("q3", "animation", "no trajectory/theta"),
-])
+@pytest.mark.parametrize(
+    "key,what,needle",
+    [
+        ("construct", "truncview", "no truncview/ group"),
+        ("flow", "animation", "no truncview/ group"),
+        ("q3", "truncation-time", "no truncview/fractions_t"),
+        ("q3", "animation", "no trajectory/theta"),
+    ],
+)
 def test_truncview_figures_not_applicable_exit_2(views, key, what, needle):
     result = invoke("plot", views[key], "--what", what)
     assert result.exit_code == 2
@@ -450,8 +513,9 @@ def test_truncview_figures_not_applicable_exit_2(views, key, what, needle):
 
 
 def test_animation_wants_a_gif_and_all_skips_what_is_missing(views, tmp_path):
-    result = invoke("plot", views["flow-view"], "--what", "animation",
-                    "-o", tmp_path / "a.png")
+    result = invoke(
+        "plot", views["flow-view"], "--what", "animation", "-o", tmp_path / "a.png"
+    )
     assert result.exit_code == 2 and ".gif" in result.stderr
     paths = written(invoke("plot", views["q3"], "--what", "all", "-o", tmp_path / "f"))
     assert [p.rsplit("-", 1)[1] for p in paths] == ["truncview.png"]

@@ -37,8 +37,9 @@ def test_heldout_points_of_the_balls_map_exactly_to_their_targets(tmp_path, rng)
     centers, radius = res["data"]["centers"], res["data"]["attrs"]["radius"]
     X, labels = data.draw_clusters(centers, [200, 200, 200], radius, "ball", rng)
     np.savez(tmp_path / "new.npz", X=X, labels=labels)
-    result = invoke("predict", path, tmp_path / "new.npz", "-o", tmp_path / "pred.npz",
-                    "--json")
+    result = invoke(
+        "predict", path, tmp_path / "new.npz", "-o", tmp_path / "pred.npz", "--json"
+    )
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout)
     assert row["accuracy"] == 1.0 and row["agreement"] == 1.0 and row["n"] == 600

@@ -19,7 +19,16 @@ def test_documented_commands_exist():
     from dlmin.cli.app import app
 
     names = set(re.findall(r"^### `dlmin (\w+)", README, re.M))
-    assert {"construct", "flow", "collapse", "run", "validate", "show", "gather", "plot",
-            "predict"} <= names
+    assert {
+        "construct",
+        "flow",
+        "collapse",
+        "run",
+        "validate",
+        "show",
+        "gather",
+        "plot",
+        "predict",
+    } <= names
     for name in names:
         assert CliRunner().invoke(app, [name, "--help"]).exit_code == 0, name

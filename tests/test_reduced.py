@@ -36,7 +36,7 @@ def test_widths_weight_count_and_zero_cost(Q, M):
     assert r.status == "ok" and r.certified, r.message
     assert r.widths == [M] + [Q] * Q + [Q]
     assert [W.shape for W, _ in r.layers] == [(Q, M)] + [(Q, Q)] * Q
-    assert cs.weight_count(r.layers) == Q * (M + Q ** 2)
+    assert cs.weight_count(r.layers) == Q * (M + Q**2)
     assert sum(b.size for _, b in r.layers) == Q * (Q + 1)
     out = r.predict(d.X)
     assert ((out - d.Y[d.labels]) ** 2).sum(axis=1).max() <= COST_TOL
@@ -92,8 +92,9 @@ def test_unseen_points_of_the_build_balls_reach_targets():
 def test_padding_and_intercept_keep_outputs():
     d = family(3, 5, seed=4)
     base = rd.build_clustered_reduced(d.X, d.labels, d.Y)
-    padded = rd.build_clustered_reduced(d.X, d.labels, d.Y, hidden_layers=5,
-                                        intercept=True)
+    padded = rd.build_clustered_reduced(
+        d.X, d.labels, d.Y, hidden_layers=5, intercept=True
+    )
     assert padded.widths == [5] + [3] * 5 + [3]
     assert np.abs(padded.predict(d.X) - base.predict(d.X)).max() <= POINT_TOL
     short = rd.build_clustered_reduced(d.X, d.labels, d.Y, hidden_layers=2)
@@ -107,8 +108,9 @@ def test_first_rows_recipe_is_not_nested():
     stats = cs.class_stats(d.X, d.labels)
     Wc, bc = [], []
     for j in range(3):
-        W, b = tr.cone_layer(stats.means[j] + 2.5 * cond.radius * cond.f[j], cond.f[j],
-                             cond.theta_star)
+        W, b = tr.cone_layer(
+            stats.means[j] + 2.5 * cond.radius * cond.f[j], cond.f[j], cond.theta_star
+        )
         Wc.append(W[:3])
         bc.append(b[:3])
     with pytest.raises(ValueError, match="row space"):

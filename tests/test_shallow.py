@@ -24,8 +24,9 @@ FAMILY = [(Q, M) for Q in (2, 3, 5) for M in (Q, Q + 3)]
 
 def assert_rel(value, expected, tol, what):
     err = abs(value - expected) / max(abs(expected), 1e-300)
-    assert err <= tol, (f"{what}: {value!r} vs {expected!r}, "
-                        f"rel. error {err:.3g} > {tol:.1g}")
+    assert err <= tol, (
+        f"{what}: {value!r} vs {expected!r}, rel. error {err:.3g} > {tol:.1g}"
+    )
 
 
 def family(Q, M, seed, radius=0.05):
@@ -64,9 +65,13 @@ def lstsq_cost(X, labels, Y, intercept):
 HAND_X = np.array([[2.0, 0.5], [2.0, -0.5], [0.3, 1.0], [-0.3, 1.0]])
 HAND_LABELS = np.array([0, 0, 1, 1])
 HAND = {
-    "delta_P": F(1, 2), "cost": F(109, 400), "bound": F(1, 2),
-    "ls_no_intercept": F(454, 2045), "ls_intercept": F(9, 227),
-    "rel_gap": F(41305, 222905), "op_bound": F(1, 5),
+    "delta_P": F(1, 2),
+    "cost": F(109, 400),
+    "bound": F(1, 2),
+    "ls_no_intercept": F(454, 2045),
+    "ls_intercept": F(9, 227),
+    "rel_gap": F(41305, 222905),
+    "op_bound": F(1, 5),
     "gap_bound": F(1, 3),
 }
 
@@ -74,12 +79,18 @@ HAND = {
 def test_hand_example_exact_values():
     r = sh.build_shallow(HAND_X, HAND_LABELS, np.eye(2))
     assert r.status == "ok" and r.identity_regime
-    for name, got in [("delta_P", r.delta_P), ("cost", r.cost),
-                      ("cost", r.cost_formula), ("bound", r.bound),
-                      ("ls_no_intercept", r.ls_no_intercept),
-                      ("ls_no_intercept", r.ls_trace), ("ls_intercept", r.ls_intercept),
-                      ("rel_gap", r.gap.rel_gap), ("op_bound", r.gap.op_bound),
-                      ("gap_bound", r.gap.bound)]:
+    for name, got in [
+        ("delta_P", r.delta_P),
+        ("cost", r.cost),
+        ("cost", r.cost_formula),
+        ("bound", r.bound),
+        ("ls_no_intercept", r.ls_no_intercept),
+        ("ls_no_intercept", r.ls_trace),
+        ("ls_intercept", r.ls_intercept),
+        ("rel_gap", r.gap.rel_gap),
+        ("op_bound", r.gap.op_bound),
+        ("gap_bound", r.gap.bound),
+    ]:
         assert_rel(got, float(HAND[name]), REL_TOL, name)
     _, D2 = sh.barycentric(HAND_X, HAND_LABELS)
     assert np.allclose(D2, np.diag([9 / 400, 1 / 4]), rtol=0, atol=1e-15)
@@ -89,14 +100,18 @@ def test_hand_example_exact_values():
 def test_hand_example_scaled_targets_scale_every_value():
     """Y -> 3Y multiplies every cost and the bound by 9 and leaves the gap alone."""
     r = sh.build_shallow(HAND_X, HAND_LABELS, 3.0 * np.eye(2))
-    for name, got in [("cost", r.cost), ("bound", r.bound),
-                      ("ls_intercept", r.ls_intercept),
-                      ("ls_no_intercept", r.ls_no_intercept)]:
+    for name, got in [
+        ("cost", r.cost),
+        ("bound", r.bound),
+        ("ls_intercept", r.ls_intercept),
+        ("ls_no_intercept", r.ls_no_intercept),
+    ]:
         assert_rel(got, 9 * float(HAND[name]), REL_TOL, name)
     assert_rel(r.gap.rel_gap, float(HAND["rel_gap"]), REL_TOL, "rel_gap")
 
 
 # ------------------------------------------------------------ random family
+
 
 @pytest.mark.parametrize("Q,M", FAMILY)
 def test_constructed_cost_equals_formula_and_bound(Q, M):
@@ -111,8 +126,8 @@ def test_constructed_cost_equals_formula_and_bound(Q, M):
     assert_rel(r.cost_formula, by_hand, REL_TOL, "cost formula")
     dP = np.linalg.norm(coords, axis=0).max()
     assert_rel(r.delta_P, dP, REL_TOL, "delta_P")
-    assert r.cost <= Q * np.linalg.norm(Y, 2) ** 2 * dP ** 2
-    assert_rel(r.bound, Q * np.linalg.norm(Y, 2) ** 2 * dP ** 2, REL_TOL, "bound")
+    assert r.cost <= Q * np.linalg.norm(Y, 2) ** 2 * dP**2
+    assert_rel(r.bound, Q * np.linalg.norm(Y, 2) ** 2 * dP**2, REL_TOL, "bound")
 
 
 @pytest.mark.parametrize("Q,M", [(3, 3), (3, 6)])
@@ -122,7 +137,7 @@ def test_scaling_deviations_scales_cost_quadratically(Q, M):
     base = sh.build_shallow(X, labels, Y)
     for eps in (0.5, 1e-3):
         r = sh.build_shallow(means[labels] + eps * (X - means[labels]), labels, Y)
-        assert_rel(r.cost, eps ** 2 * base.cost, 1e-9, f"cost at eps = {eps}")
+        assert_rel(r.cost, eps**2 * base.cost, 1e-9, f"cost at eps = {eps}")
         assert_rel(r.delta_P, eps * base.delta_P, 1e-9, f"delta_P at eps = {eps}")
 
 
@@ -131,12 +146,15 @@ def test_square_case_least_squares_values(Q):
     X, labels, Y = family(Q, Q, seed=Q)
     r = sh.build_shallow(X, labels, Y)
     assert_rel(r.ls_no_intercept, r.ls_trace, REL_TOL, "linear LS against Tr formula")
-    assert_rel(r.ls_no_intercept, lstsq_cost(X, labels, Y, False), LSTSQ_TOL,
-               "linear lstsq")
-    assert_rel(r.ls_intercept, lstsq_cost(X, labels, Y, True), LSTSQ_TOL,
-               "affine lstsq")
-    assert_rel(r.ls_intercept, affine_formula_invertible_E(X, labels, Y), 1e-10,
-               "affine form")
+    assert_rel(
+        r.ls_no_intercept, lstsq_cost(X, labels, Y, False), LSTSQ_TOL, "linear lstsq"
+    )
+    assert_rel(
+        r.ls_intercept, lstsq_cost(X, labels, Y, True), LSTSQ_TOL, "affine lstsq"
+    )
+    assert_rel(
+        r.ls_intercept, affine_formula_invertible_E(X, labels, Y), 1e-10, "affine form"
+    )
     assert r.gap.within
     assert 0.0 <= r.gap.rel_gap <= r.gap.op_bound <= r.gap.bound
     assert r.ls_intercept <= r.ls_no_intercept <= r.cost
@@ -164,12 +182,16 @@ def test_general_dimension_order_of_values(Q, M):
     assert_rel(r.ls_intercept, lstsq_cost(X, labels, Y, True), LSTSQ_TOL, "affine")
     slack = 1 + 1e-12
     assert r.ls_intercept <= r.ls_no_intercept * slack
-    assert r.ls_no_intercept <= r.ls_trace * slack <= r.cost * slack ** 2
+    assert r.ls_no_intercept <= r.ls_trace * slack <= r.cost * slack**2
     assert r.gap.within
 
 
-@given(st.integers(2, 4), st.integers(0, 3), st.floats(0.01, 0.5),
-       st.integers(0, 2**32 - 1))
+@given(
+    st.integers(2, 4),
+    st.integers(0, 3),
+    st.floats(0.01, 0.5),
+    st.integers(0, 2**32 - 1),
+)
 def test_value_order_and_gap_for_random_families(Q, extra, radius, seed):
     X, labels, Y = family(Q, Q + extra, seed, radius)
     r = sh.build_shallow(X, labels, Y)
@@ -183,6 +205,7 @@ def test_value_order_and_gap_for_random_families(Q, extra, radius, seed):
 
 # ------------------------------------------------------------ invariances
 
+
 def test_invariance_under_linear_input_maps():
     """X -> G X, G in GL(Q): Delta_1, Delta_2, delta_P and the linear value stay."""
     Q = 3
@@ -194,8 +217,9 @@ def test_invariance_under_linear_input_maps():
     assert np.abs(D1g - D1).max() <= 1e-10 * np.abs(D1).max()
     assert np.abs(D2g - D2).max() <= 1e-10 * np.abs(D2).max()
     assert_rel(sh.delta_P(X @ G.T, labels), sh.delta_P(X, labels), 1e-10, "delta_P")
-    assert_rel(sh.ls_value(X @ G.T, labels, Y), sh.ls_value(X, labels, Y), 1e-10,
-               "linear")
+    assert_rel(
+        sh.ls_value(X @ G.T, labels, Y), sh.ls_value(X, labels, Y), 1e-10, "linear"
+    )
 
 
 def test_invariance_of_affine_value_under_affine_maps():
@@ -234,6 +258,7 @@ def test_predictions_follow_metric_rule():
 
 # --------------------------------------------------------------- failures
 
+
 def test_dependent_means_and_bad_arguments():
     X = np.array([[1.0, 0.0], [1.2, 0.0], [2.0, 0.0], [2.2, 0.0]])
     labels = np.array([0, 0, 1, 1])
@@ -244,8 +269,9 @@ def test_dependent_means_and_bad_arguments():
     with pytest.raises(ValueError, match="Q <= M"):
         sh.build_shallow(X[:, :1], labels, np.eye(2))
     with pytest.raises(ValueError, match="orthogonal"):
-        sh.build_shallow(HAND_X, HAND_LABELS, np.eye(2),
-                         R=np.array([[1.0, 1.0], [0.0, 1.0]]))
+        sh.build_shallow(
+            HAND_X, HAND_LABELS, np.eye(2), R=np.array([[1.0, 1.0], [0.0, 1.0]])
+        )
 
 
 def test_small_beta_leaves_identity_regime():

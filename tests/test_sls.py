@@ -25,10 +25,17 @@ GENERATED = [(2, 2), (3, 3), (4, 6), (5, 5)]
 def separable(A, B):
     """Our own LP: is there (h, c) with h.a + c <= -1 on A and >= 1 on B?"""
     n = A.shape[1] + 1
-    rows = np.vstack([np.hstack([A, np.ones((len(A), 1))]),
-                      -np.hstack([B, np.ones((len(B), 1))])])
-    res = linprog(np.zeros(n), A_ub=rows, b_ub=-np.ones(len(rows)),
-                  bounds=[(None, None)] * n, method="highs")
+    rows = np.vstack([
+        np.hstack([A, np.ones((len(A), 1))]),
+        -np.hstack([B, np.ones((len(B), 1))]),
+    ])
+    res = linprog(
+        np.zeros(n),
+        A_ub=rows,
+        b_ub=-np.ones(len(rows)),
+        bounds=[(None, None)] * n,
+        method="highs",
+    )
     assert res.status in (0, 2), res.message
     return res.status == 0
 
@@ -66,9 +73,11 @@ def hand_stats(X, labels):
 def assert_zero_cost(r, X, labels, Y):
     assert r.status == "ok" and r.certified, r.message
     out = r.predict(X)
-    cost = sum(((out[labels == j] - Y[j]) ** 2).sum() / (labels == j).sum()
-               for j in range(Y.shape[0]))
-    tol = COST_RTOL * r.cond ** 2 * max(1.0, (Y ** 2).sum())
+    cost = sum(
+        ((out[labels == j] - Y[j]) ** 2).sum() / (labels == j).sum()
+        for j in range(Y.shape[0])
+    )
+    tol = COST_RTOL * r.cond**2 * max(1.0, (Y**2).sum())
     assert cost <= tol, f"C_N {cost:.3g} above {tol:.3g} (cond {r.cond:.3g})"
     assert r.costs["C_N"] <= tol
 
@@ -80,7 +89,7 @@ def assert_description(r, X, labels):
     assert r.description.shape == (Q, M + 2)
     assert np.all(r.theta_min < r.theta) and np.all(r.theta < np.pi)
     for row, pl in zip(r.description, r.planes):
-        theta, h, t = row[0], row[1:-1], row[-1]
+        h, t = row[1:-1], row[-1]
         assert abs(np.linalg.norm(h) - 1) <= 1e-12 and 0 < t < 1
         apex = t * bary + (1 - t) * means[pl.cls]
         assert np.abs(apex - pl.apex).max() <= 1e-12 * max(1, np.abs(X).max())
@@ -89,6 +98,7 @@ def assert_description(r, X, labels):
 
 
 # ------------------------------------------------------------ zero cost
+
 
 @pytest.mark.parametrize("Q,M", GENERATED)
 def test_generated_sls_data_reach_zero_cost(Q, M):
@@ -118,8 +128,9 @@ def test_far_from_clustered_bars_reach_zero_cost():
 def test_given_hyperplanes_from_the_generator():
     rng = np.random.default_rng(4)
     d = sls.make_sls_data(3, 4, 40, rng, order=[2, 0, 1])
-    r = sls.build_sls(d.X, d.labels, d.Y, order=d.extra["order"],
-                      planes=d.extra["planes"])
+    r = sls.build_sls(
+        d.X, d.labels, d.Y, order=d.extra["order"], planes=d.extra["planes"]
+    )
     assert r.search is None and r.order == [2, 0, 1]
     assert_zero_cost(r, d.X, d.labels, d.Y)
     assert_description(r, d.X, d.labels)
@@ -139,6 +150,7 @@ def test_clustered_data_are_sls_with_normals_f():
 
 # ------------------------------------------------------------ failures
 
+
 def test_order_that_must_fail_names_its_blockers():
     X, labels = bars()
     res = sls.find_sls_order(X, labels, order=[2, 0, 1])
@@ -149,8 +161,9 @@ def test_order_that_must_fail_names_its_blockers():
     assert not block.barycenter
     assert [b.cls for b in res.first_step] == [2]
     assert not sls.sls_step_feasible(X, labels, [2, 0, 1], 0)
-    assert not any(sls.sls_step_feasible(X, labels, [2, 0, 1], 0, t=t)
-                   for t in (0.1, 0.5, 0.9))
+    assert not any(
+        sls.sls_step_feasible(X, labels, [2, 0, 1], 0, t=t) for t in (0.1, 0.5, 0.9)
+    )
     # our own LP: each bar alone can be cut from the blob, both together cannot
     blob, bar0, bar1 = (X[labels == j] for j in (2, 0, 1))
     assert separable(blob, bar0) and separable(blob, bar1)
@@ -178,6 +191,7 @@ def test_orders_with_apex_trouble_retry_on_the_t_grid():
 
 
 # ------------------------------------------------------------ LP forms agree
+
 
 def lp_cases():
     X, labels = bars()
@@ -207,8 +221,9 @@ def first_apex(X, labels):
 def test_t_free_and_t_grid_lps_agree(case):
     _, X, labels, order, step, apexes = case
     free = sls.sls_step_feasible(X, labels, order, step, apexes)
-    grid = np.array([sls.sls_step_feasible(X, labels, order, step, apexes, t=t)
-                     for t in FINE_GRID])
+    grid = np.array([
+        sls.sls_step_feasible(X, labels, order, step, apexes, t=t) for t in FINE_GRID
+    ])
     assert free == grid.any()
     ends = sls.sls_t_range(X, labels, order, step, apexes)
     if not free:
@@ -222,12 +237,18 @@ def test_t_free_and_t_grid_lps_agree(case):
 
 def test_expected_feasibility_of_the_lp_cases():
     verdicts = {c[0]: sls.sls_step_feasible(*c[1:]) for c in lp_cases()}
-    assert verdicts == {"bars first 0": True, "bars first 2": False,
-                        "bars 2 after p_0 mid": False, "bars 2 after p_0 high": True,
-                        "crossing": False, "generated step 1": True}
+    assert verdicts == {
+        "bars first 0": True,
+        "bars first 2": False,
+        "bars 2 after p_0 mid": False,
+        "bars 2 after p_0 high": True,
+        "crossing": False,
+        "generated step 1": True,
+    }
 
 
 # ------------------------------------------------------------ network facts
+
 
 def test_hidden_layers_do_not_depend_on_Y_and_singular_Y_works():
     rng = np.random.default_rng(5)
@@ -271,7 +292,7 @@ def test_generator_promises():
     for k, cls in enumerate(order):
         h, c = H[k, :-1], H[k, -1]
         assert (d.X[d.labels == cls] @ h + c).max() < 0
-        later = np.isin(d.labels, order[k + 1:])
+        later = np.isin(d.labels, order[k + 1 :])
         assert (d.X[later] @ h + c > 0).all() and h @ bary + c > 0
         assert all(h @ p + c > 0 for p in apexes)
         g0, g1 = h @ means[cls] + c, h @ bary + c

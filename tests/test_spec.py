@@ -41,11 +41,13 @@ def test_shipped_spec_is_valid_and_expands():
     assert len({(r.experiment, r.run_id) for r in runs}) == len(runs)
 
 
-@pytest.mark.parametrize("text,value", [("1e-3", 1e-3), ("2E+1", 20.0), ("0.5", 0.5),
-                                        (".5", 0.5), ("1_000.0", 1000.0)])
+@pytest.mark.parametrize(
+    "text,value",
+    [("1e-3", 1e-3), ("2E+1", 20.0), ("0.5", 0.5), (".5", 0.5), ("1_000.0", 1000.0)],
+)
 def test_yaml_floats_without_dot_are_floats(tmp_path, text, value):
     spec = sp.load_spec(write_spec(tmp_path, BASE.format(radius=text)))
-    run, = sp.plan(spec)
+    (run,) = sp.plan(spec)
     assert run.config.data.radius == value
 
 
@@ -70,7 +72,9 @@ def test_bad_kind_lists_allowed_kinds(tmp_path):
 
 
 def test_missing_key_and_bad_source(tmp_path):
-    err = one_error(tmp_path, BASE.format(radius=0.1).replace("      radius: 0.1\n", ""))
+    err = one_error(
+        tmp_path, BASE.format(radius=0.1).replace("      radius: 0.1\n", "")
+    )
     assert err.path == "experiments[0].data.radius" and "missing" in err.found
     err = one_error(tmp_path, BASE.format(radius=0.1).replace("clusters", "clustres"))
     assert "clustres" in err.found and "clusters" in err.allowed and err.line == 5
@@ -105,7 +109,9 @@ def test_structural_errors(tmp_path):
     assert "experiments" in typo.allowed and "unknown key" in typo.found
     dup = BASE.format(radius=0.1) + "    kind: construct\n"
     assert "duplicate key" in one_error(tmp_path, dup).found
-    twice = BASE.format(radius=0.1) + BASE.format(radius=0.2).replace("experiments:\n", "")
+    twice = BASE.format(radius=0.1) + BASE.format(radius=0.2).replace(
+        "experiments:\n", ""
+    )
     err = one_error(tmp_path, twice)
     assert "not used before" in err.allowed and err.line == 10
 
@@ -126,12 +132,16 @@ def test_defaults_merge_and_seed(tmp_path):
 
 def test_adding_sweep_values_changes_no_other_run(tmp_path):
     before = sp.plan(sp.load_spec(write_spec(tmp_path, SMALL)))
-    more = SMALL.replace("[0.02, 0.6]", "[0.02, 0.3, 0.6]").replace("[0, 1]", "[0, 1, 2]")
+    more = SMALL.replace("[0.02, 0.6]", "[0.02, 0.3, 0.6]").replace(
+        "[0, 1]", "[0, 1, 2]"
+    )
     after = sp.plan(sp.load_spec(write_spec(tmp_path, more, "more.yaml")))
     key = {(r.experiment, r.run_id): (r.run_key, r.seed, r.spec_hash) for r in after}
     for r in before:
         assert key[(r.experiment, r.run_id)] == (r.run_key, r.seed, r.spec_hash)
-        twin = next(a for a in after if a.run_id == r.run_id and a.experiment == r.experiment)
+        twin = next(
+            a for a in after if a.run_id == r.run_id and a.experiment == r.experiment
+        )
         np.testing.assert_array_equal(r.rng().random(5), twin.rng().random(5))
     assert len(after) == len(before) + 5
 

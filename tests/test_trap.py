@@ -81,8 +81,9 @@ def tight(**changes):
 def plateau():
     """Small-init tanh orbit, compared with the adapted flow (~6 s)."""
     params, X, Y = tp.make_scenario("small_init", 0, scale=0.05)
-    result = tp.trap(params, X, Y, [0.03, 0.1],
-                     options=tight(time=650.0, record=201), compare=True)
+    result = tp.trap(
+        params, X, Y, [0.03, 0.1], options=tight(time=650.0, record=201), compare=True
+    )
     return result, params, X, Y
 
 
@@ -98,10 +99,8 @@ def sine_ratio(s):
 def test_intervals_match_known_crossings_by_brent():
     """r = 0.5 + 0.4 sin s < 0.3 exactly on (7pi/6, 11pi/6) + 2 pi k."""
     s = np.linspace(0.0, 4 * math.pi + 1.0, 57)
-    spans = tp.trapped_intervals(s, sine_ratio(s), 0.3,
-                                 lambda t: float(sine_ratio(t)))
-    expected = [(7 * math.pi / 6 + k, 11 * math.pi / 6 + k)
-                for k in (0.0, 2 * math.pi)]
+    spans = tp.trapped_intervals(s, sine_ratio(s), 0.3, lambda t: float(sine_ratio(t)))
+    expected = [(7 * math.pi / 6 + k, 11 * math.pi / 6 + k) for k in (0.0, 2 * math.pi)]
     assert len(spans) == 2
     for span, (a, b) in zip(spans, expected):
         assert span.s0 == pytest.approx(a, abs=1e-12)
@@ -113,7 +112,7 @@ def test_intervals_without_r_func_interpolate_linearly():
     """Linear interpolation places an end to h^2 |r''| / (8 |r'|)."""
     for n in (50, 200, 800):
         s = np.linspace(0.0, 2 * math.pi, n)
-        span, = tp.trapped_intervals(s, sine_ratio(s), 0.3)
+        (span,) = tp.trapped_intervals(s, sine_ratio(s), 0.3)
         h = s[1] - s[0]
         slope = 0.4 * abs(math.cos(7 * math.pi / 6))
         assert abs(span.s0 - 7 * math.pi / 6) <= h**2 * 0.4 / (8 * slope)
@@ -123,20 +122,23 @@ def test_intervals_open_at_both_ends_and_cut_at_the_floor():
     s = np.linspace(0.0, 10.0, 101)
     r = 0.1 + 0.01 * s
     r[80:] = np.nan
-    first, = tp.trapped_intervals(s, r, 1.0)
+    (first,) = tp.trapped_intervals(s, r, 1.0)
     assert (first.s0, first.s1) == (0.0, s[79])
     assert first.from_start and first.at_floor and not first.to_end
-    last, = tp.trapped_intervals(s, 1.0 - 0.05 * s, 0.6)
+    (last,) = tp.trapped_intervals(s, 1.0 - 0.05 * s, 0.6)
     assert last.s0 == pytest.approx(8.0, abs=1e-12)
     assert last.s1 == 10.0 and last.to_end and not last.from_start
     assert tp.trapped_intervals(s, np.full(s.size, 2.0), 1.0) == []
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"eps": 0.0}, "eps"),
-    ({"r": np.ones(3)}, "same length|one length"),
-    ({"s": np.array([0.0, 2.0, 1.0, 3.0])}, "increasing"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"eps": 0.0}, "eps"),
+        ({"r": np.ones(3)}, "same length|one length"),
+        ({"s": np.array([0.0, 2.0, 1.0, 3.0])}, "increasing"),
+    ],
+)
 def test_intervals_reject_bad_input(bad, match):
     args = {"s": np.arange(4.0), "r": np.ones(4), "eps": 0.5}
     args.update(bad)
@@ -153,9 +155,8 @@ def test_constant_ratio_orbit_matches_the_closed_form_bound():
     """G = 4 I: r = 2, one interval [0, T], L_U = |z0|(1 - e^(-4T/3)) / 2."""
     params, X, Y = orthogonal_linear()
     T = 3.0
-    result = tp.trap(params, X, Y, [1.5, 2.5], options=tight(time=T),
-                     activation="tanh")
-    row, = result.table
+    result = tp.trap(params, X, Y, [1.5, 2.5], options=tight(time=T), activation="tanh")
+    (row,) = result.table
     z0 = float(np.linalg.norm(nw.forward(params, X) - Y))
     decay = 1.0 - math.exp(-4.0 * T / 3.0)
     assert row["eps"] == 2.5 and row["from_start"] and row["to_end"]
@@ -179,13 +180,11 @@ def test_orbit_ending_inside_the_trapped_region():
     T, eps, N = 40.0, 0.3, X.shape[0]
     result = tp.trap(params, X, Y, eps, options=tight(time=T))
     row = result.table[-1]
-    s_cross = scipy.optimize.brentq(lambda s: ratio(s) - eps, 0.0, T,
-                                    xtol=1e-14)
+    s_cross = scipy.optimize.brentq(lambda s: ratio(s) - eps, 0.0, T, xtol=1e-14)
     assert ratio(0.0) > eps > ratio(T)
     assert len(result.table) == 1 and row["to_end"] and row["s1"] == T
     assert row["s0"] == pytest.approx(s_cross, rel=CLOSED_FORM_RTOL)
-    arc, _ = scipy.integrate.quad(speed, s_cross, T, epsabs=0,
-                                  epsrel=1e-12, limit=200)
+    arc, _ = scipy.integrate.quad(speed, s_cross, T, epsabs=0, epsrel=1e-12, limit=200)
     assert row["arc_length"] == pytest.approx(arc, rel=CLOSED_FORM_RTOL)
     bound = N * arc / (eps * z_norm(s_cross))
     assert row["bound"] == pytest.approx(bound, rel=CLOSED_FORM_RTOL)
@@ -200,9 +199,14 @@ def test_identity_p2_against_the_closed_form():
     N = X.shape[0]
     result = tp.trap(params, X, Y, [0.3, 0.6], options=tight(time=40.0))
     for row in result.table:
-        rhs, _ = scipy.integrate.quad(lambda s: ratio(s) * z_norm(s) / N,
-                                      row["s0"], row["s1"], epsabs=0,
-                                      epsrel=1e-12, limit=200)
+        rhs, _ = scipy.integrate.quad(
+            lambda s: ratio(s) * z_norm(s) / N,
+            row["s0"],
+            row["s1"],
+            epsabs=0,
+            epsrel=1e-12,
+            limit=200,
+        )
         assert row["arc_length"] == pytest.approx(rhs, rel=QUAD_RTOL)
 
 
@@ -230,8 +234,7 @@ def test_p1_bound_and_sharper_bound_on_every_component(plateau):
     assert len(result.table) >= 3
     for row in result.table:
         assert row["length"] >= row["bound"]
-        assert row["length"] >= row["bound_sharp"] >= row["bound"] * (
-            1 - 1e-12)
+        assert row["length"] >= row["bound_sharp"] >= row["bound"] * (1 - 1e-12)
         assert row["bound"] >= row["bound_chord"]
         assert row["r_max"] <= row["eps"] * (1 + 1e-9)
         assert row["z_rise"] <= 1e-9
@@ -243,8 +246,7 @@ def pointwise(params_widths, X, Y, theta):
     params = nw.unflatten(theta, params_widths)
     z = (nw.forward(params, X, "tanh") - Y).ravel()
     grad = nw.vjp(params, X, z / X.shape[0], "tanh")
-    return X.shape[0] * np.linalg.norm(grad) / np.linalg.norm(z), \
-        np.linalg.norm(z)
+    return X.shape[0] * np.linalg.norm(grad) / np.linalg.norm(z), np.linalg.norm(z)
 
 
 def test_p2_identity_on_a_fine_grid(plateau):
@@ -252,15 +254,16 @@ def test_p2_identity_on_a_fine_grid(plateau):
     widths, N = nw.widths_of(params), X.shape[0]
     for row in result.table:
         s = np.linspace(row["s0"], row["s1"], 2001)
-        values = np.array([pointwise(widths, X, Y, result.orbit(t))
-                           for t in s])
+        values = np.array([pointwise(widths, X, Y, result.orbit(t)) for t in s])
         rhs = scipy.integrate.simpson(values[:, 0] * values[:, 1], x=s) / N
         assert row["arc_length"] == pytest.approx(rhs, rel=QUAD_RTOL)
     stored = result.arrays()
     valid = ~np.isnan(stored["r"])
-    assert np.allclose(N * stored["speed"][valid],
-                       stored["r"][valid] * stored["z_norm"][valid],
-                       rtol=1e-12)
+    assert np.allclose(
+        N * stored["speed"][valid],
+        stored["r"][valid] * stored["z_norm"][valid],
+        rtol=1e-12,
+    )
 
 
 def test_p3_polyline_grows_toward_the_arc_length(plateau):
@@ -288,15 +291,20 @@ def test_comparison_times_in_closed_form():
     """G = 4 I, N = 3: C = e^(-8s/3) C0 (standard), e^(-2s/3) C0 (adapted)."""
     params, X, Y = orthogonal_linear()
     stages = set()
-    result = tp.trap(params, X, Y, 2.5, options=tight(time=12.0),
-                     compare=True, compare_damping=0.0,
-                     progress=lambda stage, done, total: stages.add(stage))
+    result = tp.trap(
+        params,
+        X,
+        Y,
+        2.5,
+        options=tight(time=12.0),
+        compare=True,
+        compare_damping=0.0,
+        progress=lambda stage, done, total: stages.add(stage),
+    )
     d = result.as_dict()
     decades = math.log(1 / tp.THRESHOLD_REL)
-    assert d["time_to_threshold_standard"] == pytest.approx(
-        3 / 8 * decades, rel=1e-8)
-    assert d["time_to_threshold_adapted"] == pytest.approx(
-        3 / 2 * decades, rel=1e-8)
+    assert d["time_to_threshold_standard"] == pytest.approx(3 / 8 * decades, rel=1e-8)
+    assert d["time_to_threshold_adapted"] == pytest.approx(3 / 2 * decades, rel=1e-8)
     assert d["adapted_damping"] == 0.0
     assert stages == {"standard", "profile", "adapted", "adapted_profile"}
 
@@ -304,27 +312,25 @@ def test_comparison_times_in_closed_form():
 def test_adapted_flow_escapes_much_sooner(plateau):
     result, _, X, _ = plateau
     d = result.as_dict()
-    t_std, t_ad = d["time_to_threshold_standard"], \
-        d["time_to_threshold_adapted"]
+    t_std, t_ad = d["time_to_threshold_standard"], d["time_to_threshold_adapted"]
     assert t_std is not None and t_ad is not None
     assert t_ad < t_std / 10
     # Damped full-rank adapted flow: C = e^(-2s/N) C0 up to the damping.
     N = X.shape[0]
-    assert t_ad == pytest.approx(N / 2 * math.log(1 / tp.THRESHOLD_REL),
-                                 rel=1e-2)
+    assert t_ad == pytest.approx(N / 2 * math.log(1 / tp.THRESHOLD_REL), rel=1e-2)
     cost = result.profile["cost"]
     k = np.searchsorted(result.profile["s"], t_std)
     assert cost[k - 1] > d["threshold"] >= cost[k]
-    for std, ad in zip(d["trapped_share_standard"],
-                       d["trapped_share_adapted"]):
+    for std, ad in zip(d["trapped_share_standard"], d["trapped_share_adapted"]):
         assert ad < 0.01 < std
 
 
 def test_records_reproduce_the_integrated_intervals(plateau):
     result, params, X, Y = plateau
     flow = result.flow
-    again = tp.trap_records(flow.records["s"], flow.records["theta"], X, Y,
-                            nw.widths_of(params), result.eps)
+    again = tp.trap_records(
+        flow.records["s"], flow.records["theta"], X, Y, nw.widths_of(params), result.eps
+    )
     assert again.source == "records" and again.bound_violations == 0
     assert len(again.table) == len(result.table)
     for a, b in zip(again.table, result.table):
@@ -337,8 +343,7 @@ def test_as_dict_and_arrays(plateau):
     result = plateau[0]
     d = result.as_dict()
     json.dumps(d, allow_nan=False)
-    assert d["intervals"] == len(d["interval_table"]) == sum(
-        d["intervals_per_eps"])
+    assert d["intervals"] == len(d["interval_table"]) == sum(d["intervals_per_eps"])
     assert d["eps"] == [0.03, 0.1] and len(d["trapped_time"]) == 2
     assert d["bound_violations"] == 0
     arrays = result.arrays()
@@ -358,8 +363,9 @@ def test_on_step_pieces_chain_into_the_orbit(solver):
     params, X, Y = orthogonal_linear()
     pieces = []
     options = tight(time=1.0, record=11, solver=solver, step=0.01)
-    flow = fl.integrate(params, X, Y, options,
-                        on_step=lambda d, a, b: pieces.append((a, b, d)))
+    flow = fl.integrate(
+        params, X, Y, options, on_step=lambda d, a, b: pieces.append((a, b, d))
+    )
     starts = np.array([a for a, _, _ in pieces])
     ends = np.array([b for _, b, _ in pieces])
     assert starts[0] == 0.0 and ends[-1] == flow.s_final
@@ -379,8 +385,7 @@ def test_rank_of_d_with_duplicated_inputs():
     rng = np.random.default_rng(3)
     X = rng.standard_normal((3, 3))[[0, 0, 1, 1, 2, 2]]
     Y = rng.standard_normal((6, 2))
-    params = nw.init_params([3, 6, 2], rng=4, scheme="glorot",
-                            bias_scale=0.1)
+    params = nw.init_params([3, 6, 2], rng=4, scheme="glorot", bias_scale=0.1)
     point = tp.critical_point(params, X, Y)
     K = nw.param_count([3, 6, 2])
     assert point.rank == 6 and point.critical_dimension == K - 6
@@ -410,14 +415,23 @@ def test_underparametrized_orbit_ends_trapped_near_a_critical_point():
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, knobs", [
-    ("near_duplicates", {"spread": 1e-2}),
-    ("dead_units", {"activation": "softplus", "margin": 4.0}),
-])
+@pytest.mark.parametrize(
+    "name, knobs",
+    [
+        ("near_duplicates", {"spread": 1e-2}),
+        ("dead_units", {"activation": "softplus", "margin": 4.0}),
+    ],
+)
 def test_scenarios_spend_most_of_the_time_trapped(name, knobs):
     params, X, Y = tp.make_scenario(name, 0, **knobs)
-    result = tp.trap(params, X, Y, 0.1, options=tight(time=300.0),
-                     activation=knobs.get("activation", "tanh"))
+    result = tp.trap(
+        params,
+        X,
+        Y,
+        0.1,
+        options=tight(time=300.0),
+        activation=knobs.get("activation", "tanh"),
+    )
     assert result.bound_violations == 0
     assert result.trapped_time[0] > 0.5 * result.s_final
 
@@ -430,8 +444,9 @@ def test_small_init_scales_every_parameter():
 
 @pytest.mark.parametrize("activation", ["relu", "softplus"])
 def test_dead_units_push_preactivations_below_the_margin(activation):
-    params, X, Y = tp.make_scenario("dead_units", 2, activation=activation,
-                                    fraction=0.5, margin=2.0, hidden=(6, 6))
+    params, X, Y = tp.make_scenario(
+        "dead_units", 2, activation=activation, fraction=0.5, margin=2.0, hidden=(6, 6)
+    )
     cache = nw.forward_cache(params, X, activation)
     for Z in cache.preactivations[:-1]:
         dead = np.all(Z <= -2.0 + 1e-12, axis=0)
@@ -463,8 +478,8 @@ def test_unknown_scenario_and_bad_arguments_are_explained():
     with pytest.raises(ValueError, match="eps"):
         tp.trap(params, X, Y, [], options=tight(time=1.0))
     with pytest.raises(NotImplementedError, match="L2"):
-        tp.trap(params, X, np.full_like(Y, 0.5), 0.1,
-                options=tight(time=1.0, loss="ce"))
+        tp.trap(
+            params, X, np.full_like(Y, 0.5), 0.1, options=tight(time=1.0, loss="ce")
+        )
     with pytest.raises(NotImplementedError, match="euler"):
-        tp.trap(params, X, Y, 0.1,
-                options=tight(time=1.0, solver="euler", step=0.1))
+        tp.trap(params, X, Y, 0.1, options=tight(time=1.0, solver="euler", step=0.1))

@@ -43,17 +43,28 @@ def rows(tmp_path_factory):
     assert invoke("flow", spec, "-o", tmp / "out", "-j", "1").exit_code == 0
     result = invoke("trap", spec, "-o", tmp / "out", "--json", "-j", "1")
     assert result.exit_code == 0, result.output
-    return {json.loads(l)["experiment"]: json.loads(l) for l in result.stdout.splitlines()}
+    return {
+        json.loads(l)["experiment"]: json.loads(l) for l in result.stdout.splitlines()
+    }
 
 
 def test_rows_carry_the_trap_keys(rows):
     row = rows["plateau"]
-    for key in ("intervals", "trapped_time", "bound_violations", "eps",
-                "time_to_threshold_standard", "time_to_threshold_adapted"):
+    for key in (
+        "intervals",
+        "trapped_time",
+        "bound_violations",
+        "eps",
+        "time_to_threshold_standard",
+        "time_to_threshold_adapted",
+    ):
         assert key in row
     assert row["eps"] == [0.1, 0.3] and row["bound_violations"] == 0
     assert row["intervals"] >= 1 and len(row["trapped_time"]) == 2
-    standard, adapted = row["time_to_threshold_standard"], row["time_to_threshold_adapted"]
+    standard, adapted = (
+        row["time_to_threshold_standard"],
+        row["time_to_threshold_adapted"],
+    )
     assert adapted is not None and (standard is None or adapted < standard)
 
 
@@ -63,8 +74,10 @@ def test_every_stored_interval_satisfies_the_bound(rows):
     assert length.size == rows["plateau"]["intervals"]
     assert np.all(length >= bound * (1 - 1e-6)) and not trap["interval_violated"].any()
     assert trap["s"].size == trap["r"].size and np.all(np.diff(trap["s"]) > 0)
-    inside = [(trap["s"] > a) & (trap["s"] < b)
-              for a, b in zip(trap["interval_s0"], trap["interval_s1"])]
+    inside = [
+        (trap["s"] > a) & (trap["s"] < b)
+        for a, b in zip(trap["interval_s0"], trap["interval_s1"])
+    ]
     for mask, eps in zip(inside, trap["interval_eps"]):
         assert np.all(trap["r"][mask] < eps + 1e-9)
 
@@ -77,10 +90,13 @@ def test_a_stored_orbit_gives_the_same_intervals(rows):
         assert interval["length"] >= interval["bound"] * (1 - 1e-6)
 
 
-@pytest.mark.parametrize("body,needle", [
-    ("trap: {eps: [-1]}", "> 0"),
-    ("trap: {scenario: {name: lava}}", "lava"),
-])
+@pytest.mark.parametrize(
+    "body,needle",
+    [
+        ("trap: {eps: [-1]}", "> 0"),
+        ("trap: {scenario: {name: lava}}", "lava"),
+    ],
+)
 def test_trap_spec_errors(tmp_path, body, needle):
     text = f"""\
     experiments:
@@ -109,4 +125,6 @@ def test_a_flow_without_theta_is_refused(tmp_path):
     spec = write_spec(tmp_path, text)
     invoke("flow", spec, "-o", tmp_path / "out")
     result = invoke("trap", spec, "-o", tmp_path / "out", "--json")
-    assert result.exit_code == 1 and "store_theta" in json.loads(result.stdout)["message"]
+    assert (
+        result.exit_code == 1 and "store_theta" in json.loads(result.stdout)["message"]
+    )

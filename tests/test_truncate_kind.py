@@ -1,4 +1,4 @@
-"""`kind: truncate`: trained, constructed and stored networks through their truncation maps."""
+"""`kind: truncate`: trained, constructed and stored networks, layer by layer."""
 
 import json
 
@@ -30,9 +30,13 @@ experiments:
 def test_truncate_kind_end_to_end(tmp_path):
     spec = write_spec(tmp_path, SPEC)
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["run", str(spec), "-o", str(out), "--json", "-j", "1"])
+    result = CliRunner().invoke(
+        app, ["run", str(spec), "-o", str(out), "--json", "-j", "1"]
+    )
     assert result.exit_code == 0, result.output
-    rows = {json.loads(l)["experiment"]: json.loads(l) for l in result.stdout.splitlines()}
+    rows = {
+        json.loads(l)["experiment"]: json.loads(l) for l in result.stdout.splitlines()
+    }
     trained = rows["trained"]
     for key in ("collapsed", "partly", "fixed", "spread"):
         assert np.shape(trained[key]) == (2, 3)
@@ -57,12 +61,16 @@ def test_partial_start_truncates_a_class_in_part_and_training_truncates_more(tmp
         network: {activation: relu, init: {source: partial, layer: 1, weight: 0.45}}
         flow: {kind: standard, solver: euler, step: 0.05, time: 30, record: {points: 4}}
     """
-    result = CliRunner().invoke(app, ["run", str(write_spec(tmp_path, text)), "-o",
-                                      str(tmp_path / "o"), "--json"])
+    result = CliRunner().invoke(
+        app,
+        ["run", str(write_spec(tmp_path, text)), "-o", str(tmp_path / "o"), "--json"],
+    )
     row = json.loads(result.stdout)
     assert result.exit_code == 0, result.output
     first = store.load(row["path"])["truncview"]["fractions_t"][:, 0, 0, 0]
     assert 0 < first[0] < 1 and first[-1] > first[0]
     bad = text.replace("weight: 0.45", "weight: 1.5")
-    check = CliRunner().invoke(app, ["validate", str(write_spec(tmp_path, bad, "b.yaml"))])
+    check = CliRunner().invoke(
+        app, ["validate", str(write_spec(tmp_path, bad, "b.yaml"))]
+    )
     assert check.exit_code == 2 and "weight" in check.stderr

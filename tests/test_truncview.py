@@ -27,8 +27,9 @@ def invoke(*args):
 def clustered(Q=3, M=3, seed=5):
     means = np.zeros((Q, M))
     means[:, :Q] = 2.0 * np.eye(Q) + 0.3
-    return clusters(Q, M, 40, 0.05, np.random.default_rng(seed), layout="given",
-                    means=means)
+    return clusters(
+        Q, M, 40, 0.05, np.random.default_rng(seed), layout="given", means=means
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +79,9 @@ def test_edges_give_the_polyhedral_form(built):
     ds, res = built
     lv = tv.truncation_view(res.layers, ds.X, ds.labels).layers[0]
     Z = ds.X @ lv.W.T + lv.b
-    np.testing.assert_allclose(lv.base_point + np.maximum(Z, 0) @ lv.edges,
-                               lv.truncated, atol=1e-12)
+    np.testing.assert_allclose(
+        lv.base_point + np.maximum(Z, 0) @ lv.edges, lv.truncated, atol=1e-12
+    )
 
 
 # ------------------------------------------------------------ random networks
@@ -172,8 +174,10 @@ def test_partial_start_truncates_part_of_a_cluster(built):
     frac = tv.truncation_view(start, ds.X, ds.labels).layers[0].local_fractions[j]
     assert 0.0 < frac[COLLAPSED] < 1.0 and frac[COLLAPSED] + frac[PARTLY] < 1.0 + 1e-12
     ends = [tv.partial_truncation_start(res, ds.X, ds.labels, 1, w) for w in (0.0, 1.0)]
-    fr = [tv.truncation_view(p, ds.X, ds.labels).layers[0].local_fractions[j]
-          for p in ends]
+    fr = [
+        tv.truncation_view(p, ds.X, ds.labels).layers[0].local_fractions[j]
+        for p in ends
+    ]
     assert fr[0][COLLAPSED] == 1.0 and fr[1][FIXED] == 1.0
     with pytest.raises(ValueError, match="weight"):
         tv.partial_truncation_start(res, ds.X, ds.labels, 1, 1.5)
@@ -227,13 +231,16 @@ def test_cli_flow_over_time(tmp_path):
     assert first["time"] == 0 and collapsed == pytest.approx([2 / 11, 0.0])
 
 
-@pytest.mark.parametrize("args, message", [
-    (["missing.h5"], "no such file"),
-    (["{w}"], "give DATA"),
-    (["{r}", "--time", "soon"], "--time"),
-    (["{r}", "--time", "all"], "trajectory/theta"),
-    (["{r}", "--time", "3"], "trajectory/theta"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["missing.h5"], "no such file"),
+        (["{w}"], "give DATA"),
+        (["{r}", "--time", "soon"], "--time"),
+        (["{r}", "--time", "all"], "trajectory/theta"),
+        (["{r}", "--time", "3"], "trajectory/theta"),
+    ],
+)
 def test_cli_bad_inputs_exit_2(built, tmp_path, args, message):
     ds, res = built
     weights, result_file = tmp_path / "w.npz", tmp_path / "r.h5"
