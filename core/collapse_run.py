@@ -160,7 +160,9 @@ def _of_flow(w, summary, run, base_dir, progress):
     write_flow_start(w, ds, Y, params)
     options = flow_options(cfg.flow)
     options.store_theta = True
-    result = flows.integrate(params, ds.X, Y, options, cfg.network.activation)
+    result = flows.integrate(
+        params, ds.X, Y, options, cfg.network.activation, seed=run.rng()
+    )
     traj = {k: np.asarray(v) for k, v in result.records.items()}
     for key, value in traj.items():
         w.array("trajectory", key, value)

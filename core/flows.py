@@ -25,6 +25,11 @@ accepted steps. ``damping = lambda > 0`` solves ``(G + lambda I) psi = g``
 instead (Levenberg-Marquardt) and has no rank decision. The ``"jacobian"``
 route forms ``D`` and uses its SVD; it is the reference for tests.
 
+Training as practitioners do it is ``solver="sgd"``: stochastic gradient
+descent on mini-batches with momentum, for the standard cost only. Its time
+is ``s = lr * steps``; with the full batch and no momentum it is exactly
+the fixed-step ``"euler"`` solver (gradient descent).
+
 Time ``s`` is the flow time; ``t = 1 - exp(-s / N)`` is the time in which the
 full-rank adapted flow moves along the straight segment from ``x(0)`` to
 ``y``. Mathematics: ``shared/reference/flows.md`` sections 4-8, 10 and 12.
@@ -69,7 +74,7 @@ __all__ = [
 
 KINDS = ("standard", "adapted", "homotopy")
 LOSSES = ("l2", "ce")
-SOLVERS = ("RK45", "DOP853", "LSODA", "BDF", "Radau", "euler")
+SOLVERS = ("RK45", "DOP853", "LSODA", "BDF", "Radau", "euler", "sgd")
 GRIDS = ("linear", "log", "t")
 ROUTES = ("kernel", "jacobian")
 
@@ -127,7 +132,9 @@ class FlowOptions:
         standard flow. LSODA, BDF and Radau estimate the Jacobian of ``V``
         by finite differences (``K`` evaluations each): fine for ``K`` up to
         a few hundred. ``"euler"`` is gradient descent with learning rate
-        ``step`` (for the standard flow).
+        ``step`` (for the standard flow). ``"sgd"`` is stochastic gradient
+        descent with ``lr``, ``batch``, ``momentum`` and ``epochs`` (standard
+        flow only; ``time`` and ``step`` do not apply).
     rtol, atol : float
         Tolerances of the adaptive solvers, on theta.
     step : float or None
@@ -157,6 +164,23 @@ class FlowOptions:
         Record the extreme NTK eigenvalues and numerical rank (one kernel
         and one symmetric eigenvalue problem per record). When off they are
         NaN and the rank is -1.
+    lr : float or None
+        Learning rate of ``"sgd"`` (required there).
+    batch : int or None
+        Mini-batch size of ``"sgd"``; ``None`` (or ``>= N``) is the full
+        batch in the data's order. Smaller batches are drawn by a fresh
+        permutation of the samples every epoch; the last batch of an epoch
+        may be smaller. A batch's cost is the cost of its samples alone
+        (mean over the batch), an unbiased estimate of ``C``.
+    momentum : float
+        Heavy-ball momentum ``mu`` in ``[0, 1)``: ``v <- mu v + grad``,
+        ``theta <- theta - lr v`` (the velocity starts at 0).
+    nesterov : bool
+        Nesterov's form: ``theta <- theta - lr (grad + mu v)``.
+    epochs : int
+        Passes over the data of ``"sgd"``; ``s_max = lr * epochs *
+        ceil(N / batch)``. Cost, stop and blow-up checks, and records, are
+        made at the ends of epochs on the full data.
     """
 
     kind: str = "adapted"
@@ -177,6 +201,11 @@ class FlowOptions:
     store_theta: bool | None = None
     route: str = "kernel"
     spectrum: bool = True
+    lr: float | None = None
+    batch: int | None = None
+    momentum: float = 0.0
+    nesterov: bool = False
+    epochs: int = 100
 
 
 @dataclass
@@ -408,9 +437,22 @@ def recording_times(options, n_samples):
 
 
 def _s_max(options, n_samples):
+    if options.solver == "sgd":
+        return options.lr * options.epochs * _batches_per_epoch(options, n_samples)
     if options.time is None:
         return DEFAULT_TIME_PER_SAMPLE * n_samples
     return float(options.time)
+
+
+def _batch_size(options, n_samples):
+    """Samples per SGD step: the batch, at most N (None: all of them)."""
+    if options.batch is None:
+        return n_samples
+    return min(int(options.batch), n_samples)
+
+
+def _batches_per_epoch(options, n_samples):
+    return -(-n_samples // _batch_size(options, n_samples))
 
 
 def _resolve_options(options, problem):
@@ -482,7 +524,41 @@ def _check_numbers(options):
     _check_stops(options)
 
 
+def _check_sgd(options):
+    """The options of ``solver="sgd"``, and the flow options it excludes."""
+    if options.kind != "standard":
+        raise ValueError(
+            f"flow.kind: the sgd solver trains the cost's gradient, so it needs "
+            f"kind 'standard', got {options.kind!r}; use an ODE solver for "
+            "adapted and homotopy flows"
+        )
+    for name, what in (("time", "epochs"), ("step", "lr")):
+        if getattr(options, name) is not None:
+            raise ValueError(
+                f"flow.{name}: does not apply to the sgd solver, which runs "
+                f"for flow.{what}; remove flow.{name}"
+            )
+    if options.lr is None:
+        raise ValueError(
+            "flow.lr: the sgd solver needs a learning rate, e.g. 'flow.lr: 0.05'"
+        )
+    _require(options.lr, "lr", options.lr > 0, "a number > 0")
+    _require(
+        options.momentum, "momentum", 0 <= options.momentum < 1, "a number in [0, 1)"
+    )
+    for name, low in (("batch", 1), ("epochs", 1)):
+        value = getattr(options, name)
+        if name == "batch" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"flow.{name}: expected an int >= {low}, got {value!r}")
+        if value < low:
+            raise ValueError(f"flow.{name}: expected an int >= {low}, got {value!r}")
+
+
 def _check_stops(options):
+    if options.solver == "sgd":
+        _check_sgd(options)
     if options.solver == "euler" and options.step is None:
         raise ValueError(
             "flow.step: the euler solver needs a fixed step (the learning "
@@ -924,6 +1000,7 @@ class _Recorder:
         self.on_record = on_record
         self.next = 0
         self.rows = []
+        self.extra = {}
 
     @property
     def last_s(self):
@@ -939,6 +1016,7 @@ class _Recorder:
     def take(self, s, theta):
         with np.errstate(**_STRICT_FP):
             rec = _measure(self.fld, float(s), theta, self.base)
+        rec.update(self.extra)
         self.rows.append(rec)
         if self.on_record is not None:
             self.on_record(rec)
@@ -1020,6 +1098,7 @@ def integrate(
     on_record=None,
     progress=None,
     on_step=None,
+    seed=None,
 ):
     """Integrate a gradient flow of the parameters and record its orbit.
 
@@ -1033,6 +1112,10 @@ def integrate(
     grid times sharing a step give one record, and ``s_final`` is
     ``ceil(s_max / step) * step``. A change of the projector rank restarts
     the solver from the accepted state, so no step mixes two fields.
+    ``sgd`` steps on mini-batches (``s`` grows by ``lr`` per step) and
+    records the grid times at the nearest epoch end, like ``euler`` with
+    one step per epoch; its records add ``epoch`` (steps over steps per
+    epoch). Its cost stop and blow-up checks are made at epoch ends.
 
     Records (dict of numpy values, also collected in ``result.records``):
     ``s``, ``t`` (``1 - exp(-s/N)``), ``cost``, ``x`` (N*Q,), ``theta``
@@ -1068,6 +1151,8 @@ def integrate(
         dense output (``euler``: the straight line between the two states);
         ``s_new`` is the cost-stop time inside the last step. Chaining the
         pieces gives theta(s) on ``[0, s_final]`` (dense output of a run).
+    seed : int, numpy.random.Generator or None
+        Stream of the ``"sgd"`` mini-batch permutations (None: seed 0).
 
     Returns
     -------
@@ -1092,6 +1177,9 @@ def integrate(
     grid = recording_times(options, problem.N)
     run = _Run(fld, options, _Recorder(fld, grid, base, on_record), progress)
     run.on_step = on_step
+    run.rng = np.random.default_rng(0 if seed is None else seed)
+    if options.solver == "sgd":
+        run.recorder.extra["epoch"] = np.float64(0.0)
     stop = _drive(run, theta0)
     return _result(run, stop)
 
@@ -1132,6 +1220,8 @@ def _drive(run, theta0):
         return _Stop("cost", 0.0, theta0)
     if run.options.solver == "euler":
         return _drive_euler(run, theta0)
+    if run.options.solver == "sgd":
+        return _drive_sgd(run, theta0)
     return _drive_scipy(run, theta0)
 
 
@@ -1166,6 +1256,79 @@ def _drive_euler(run, theta):
         if stop:
             return stop
     return _Stop("time", s, theta)
+
+
+def _drive_sgd(run, theta):
+    """Mini-batch SGD with momentum; checks and records at epoch ends.
+
+    Step ``k`` (from 1) ends at ``s = k * lr``. The full batch keeps the
+    data's order and uses the same evaluation as :func:`_drive_euler`, so
+    without momentum both give the same iterates bit for bit.
+    """
+    o, fld = run.options, run.fld
+    lr, mu = float(o.lr), float(o.momentum)
+    p = fld.problem
+    size = _batch_size(o, p.N)
+    per_epoch = _batches_per_epoch(o, p.N)
+    h_epoch = lr * per_epoch
+    velocity = np.zeros_like(theta) if mu > 0 else None
+    run.recorder.due(0.5 * h_epoch, inclusive=False)
+    s, k = 0.0, 0
+    for epoch in range(1, o.epochs + 1):
+        order = run.rng.permutation(p.N) if size < p.N else None
+        for j in range(per_epoch):
+            try:
+                with np.errstate(**_STRICT_FP):
+                    grad = _batch_gradient(fld, theta, order, j * size, size)
+                    if velocity is not None:
+                        velocity = mu * velocity + grad
+                        grad = grad + mu * velocity if o.nesterov else velocity
+                    theta_new = theta - lr * grad
+                    if not np.all(np.isfinite(theta_new)):
+                        raise _BlowUp("the parameters became non-finite")
+            except (ArithmeticError, np.linalg.LinAlgError) as exc:
+                return _Stop("blowup", s, theta, str(exc))
+            k += 1
+            run.recorder.extra["epoch"] = np.float64(k / per_epoch)
+            if run.on_step is not None:
+                run.on_step(_Segment(s, theta, k * lr, theta_new), s, k * lr)
+            theta, s = theta_new, k * lr
+            run.steps = k
+            run.report(s)
+            if run.out_of_time() and j < per_epoch - 1:
+                return _Stop("wall", s, theta)
+        try:
+            with np.errstate(**_STRICT_FP):
+                st = fld.state(theta)
+        except (ArithmeticError, np.linalg.LinAlgError) as exc:
+            return _Stop("blowup", s, theta, str(exc))
+        problem = run.diverged(st)
+        if problem:
+            return _Stop("blowup", s, theta, problem)
+        limit = math.inf if epoch == o.epochs else s + 0.5 * h_epoch
+        if run.recorder.due(limit, inclusive=False).size:
+            run.recorder.take(s, theta)
+        stop = _stop_now(run, st, s, theta)
+        if stop:
+            return stop
+    return _Stop("time", s, theta)
+
+
+def _batch_gradient(fld, theta, order, first, size):
+    """Gradient of the cost of one mini-batch, shape (K,).
+
+    ``order`` is the epoch's permutation of the samples, or None for the
+    full batch (the field's own evaluation at theta).
+    """
+    fld.calls += 1
+    if order is None:
+        return fld.gradient(fld.state(theta))
+    p = fld.problem
+    rows = order[first : first + size]
+    params = nw.unflatten(theta, p.widths)
+    cache = nw.forward_cache(params, p.X[rows], p.activation)
+    _, g = _loss(cache.output, p.Y[rows], p.loss)
+    return _pullback(params, cache, g.ravel())
 
 
 class _Segment:
@@ -1362,8 +1525,15 @@ def _message(run, stop, records):
         f"at s = {stop.s:.6g} of {run.s_max:.6g} after {run.steps} "
         f"steps; cost {cost[0]:.3e} -> {cost[-1]:.3e}"
     )
+    end = "s_max"
+    if run.options.solver == "sgd":
+        end, epoch = "the last epoch", float(records["epoch"][-1])
+        where = (
+            f"at epoch {epoch:.6g} of {run.options.epochs} ({run.steps} steps, "
+            f"s = {stop.s:.6g}); cost {cost[0]:.3e} -> {cost[-1]:.3e}"
+        )
     if stop.reason == "time":
-        return f"reached s_max {where}"
+        return f"reached {end} {where}"
     if stop.reason == "cost":
         return f"cost fell to stop_cost {run.options.stop_cost:g} {where}"
     if stop.reason == "wall":
@@ -1384,7 +1554,9 @@ def _message(run, stop, records):
 
 def _blowup_hint(run):
     o = run.options
-    if o.solver == "euler":
+    if o.solver == "sgd":
+        first = f"Use a smaller flow.lr (now {o.lr:g}) or less momentum"
+    elif o.solver == "euler":
         first = f"Use a smaller flow.step (now {o.step:g})"
     else:
         first = f"Tighten flow.rtol (now {o.rtol:g}) or set flow.max_step"

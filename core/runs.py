@@ -597,6 +597,11 @@ def flow_options(fcfg):
         store_theta=fcfg.store_theta,
         route=fcfg.route,
         spectrum=fcfg.spectrum,
+        lr=fcfg.lr,
+        batch=fcfg.batch,
+        momentum=fcfg.momentum,
+        nesterov=fcfg.nesterov,
+        epochs=fcfg.epochs,
     )
 
 
@@ -654,6 +659,7 @@ def run_flow(run, progress=None):
                 cfg.network.activation,
                 on_record=on_record,
                 progress=clamped(progress),
+                seed=run.rng(),
             )
         except ValueError as exc:
             return _finish(w, summary, "failed", str(exc))
@@ -699,7 +705,14 @@ def _flow_scalars(result):
         "rank_changes": result.rank_changes,
         "solver": result.options.solver,
         "flow_kind": result.options.kind,
+        "epochs": _last_epoch(result.records),
     }
+
+
+def _last_epoch(records):
+    """Epochs an ``sgd`` run completed (fractional when stopped mid-epoch)."""
+    epochs = records.get("epoch")
+    return None if epochs is None or not len(epochs) else float(epochs[-1])
 
 
 def _run_collapse(run, progress=None):

@@ -236,7 +236,9 @@ class FlowSpec(_Strict):
     loss: Literal["l2", "ce"] = "l2"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     time: float | None = Field(None, gt=0)
-    solver: Literal["auto", "RK45", "DOP853", "LSODA", "BDF", "Radau", "euler"] = "auto"
+    solver: Literal[
+        "auto", "RK45", "DOP853", "LSODA", "BDF", "Radau", "euler", "sgd"
+    ] = "auto"
     rtol: float = Field(1e-8, gt=0)
     atol: float = Field(1e-10, gt=0)
     step: float | None = Field(None, gt=0)
@@ -249,6 +251,11 @@ class FlowSpec(_Strict):
     store_theta: bool | None = None
     spectrum: bool = True
     route: Literal["kernel", "jacobian"] = "kernel"
+    lr: float | None = Field(None, gt=0)
+    batch: int | None = Field(None, ge=1)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    nesterov: bool = False
+    epochs: int = Field(100, ge=1)
 
 
 class SlsData(_Strict):
@@ -513,12 +520,31 @@ def _check_flow(exp):
             "a list of hidden widths (or network.init from a file or result)",
         )
     flow = exp.flow
+    if flow.solver == "sgd":
+        _check_sgd(flow)
     if flow.solver == "euler":
         _expect(
             flow.step is not None,
             "flow.step",
             None,
             "a step size with solver: euler (gradient descent with this learning rate)",
+        )
+
+
+def _check_sgd(flow):
+    _expect(flow.lr is not None, "flow.lr", None, "a learning rate with solver: sgd")
+    _expect(
+        flow.kind == "standard",
+        "flow.kind",
+        flow.kind,
+        "standard with solver: sgd (adapted and homotopy flows need an ODE solver)",
+    )
+    for key, what in (("time", "flow.epochs"), ("step", "flow.lr")):
+        _expect(
+            getattr(flow, key) is None,
+            f"flow.{key}",
+            getattr(flow, key),
+            f"nothing with solver: sgd (it runs for {what})",
         )
 
 
@@ -875,6 +901,8 @@ def _locate(spec, i, raw, point, err):
     if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
         path = path + ("source",)
     found = _found(raw, path, err)
+    if isinstance(ctx_err, _FieldProblem) and ctx_err.found is None:
+        found = "nothing (the key is missing)"
     dotted = ".".join(str(p) for p in path)
     swept = next((k for k in point if dotted == k or dotted.startswith(k + ".")), None)
     if swept is not None:

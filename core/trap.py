@@ -1072,9 +1072,9 @@ def _trap_flow_options(options):
             f"trap analysis of the {options.loss!r} loss: the trapping bound "
             "uses g = z / N and holds for the L2 cost only"
         )
-    if options.solver == "euler":
+    if options.solver in ("euler", "sgd"):
         raise NotImplementedError(
-            "trap analysis of the euler solver (gradient descent): the bound "
+            f"trap analysis of the {options.solver} solver (gradient descent): the bound "
             "is about the continuous flow; use an adaptive solver, e.g. "
             "'DOP853' or 'LSODA'"
         )

@@ -64,6 +64,7 @@ def _of_flow(w, run, base_dir, progress):
         options,
         cfg.network.activation,
         progress=clamped(progress),
+        seed=run.rng(),
     )
     for key, value in result.records.items():
         w.array("trajectory", key, np.asarray(value))

@@ -105,7 +105,9 @@ def test_interrupted_flow_leaves_a_readable_partial_file(tmp_path, monkeypatch):
 
     real = flows.integrate
 
-    def interrupt_after_three(params, X, Y, options, activation, on_record, progress):
+    def interrupt_after_three(
+        params, X, Y, options, activation, on_record, progress, seed
+    ):
         seen = []
 
         def record(rec):
@@ -115,7 +117,14 @@ def test_interrupted_flow_leaves_a_readable_partial_file(tmp_path, monkeypatch):
                 raise KeyboardInterrupt
 
         return real(
-            params, X, Y, options, activation, on_record=record, progress=progress
+            params,
+            X,
+            Y,
+            options,
+            activation,
+            on_record=record,
+            progress=progress,
+            seed=seed,
         )
 
     monkeypatch.setattr(flows, "integrate", interrupt_after_three)
