@@ -163,9 +163,12 @@ KIND_COMMANDS = {
     None: "Run every experiment of a spec, each by its kind.",
     "construct": "Build explicit zero-loss ReLU minimizers (kind: construct) and "
     "certify them.",
-    "flow": "Integrate standard, adapted and homotopy gradient flows (kind: flow).",
+    "flow": "Integrate standard, adapted and homotopy gradient flows, or train by "
+    "SGD (kind: flow).",
     "trap": "Find trapped stretches of standard-flow orbits and check the trapping "
     "bound (kind: trap).",
+    "landscape": "Map the cost around a minimizer: slices, a plane and perturbed, "
+    "trained trials (kind: landscape).",
 }
 
 

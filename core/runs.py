@@ -527,20 +527,18 @@ def perturb_params(params, size, relative, rng):
 
     With ``relative`` the norm is ``size`` times the tensor's own norm.
     """
-    out = []
-    for W, b in params:
-        moved = []
-        for T in (np.asarray(W, dtype=float), np.asarray(b, dtype=float)):
-            G = rng.standard_normal(T.shape)
-            norm = np.linalg.norm(G)
-            scale = size * (np.linalg.norm(T) if relative else 1.0)
-            moved.append(T + (scale / norm) * G if norm > 0 else T.copy())
-        out.append(tuple(moved))
-    return out
+    from .landscape import perturb, random_direction
+
+    return perturb(params, (size, random_direction(params, rng, relative)))
 
 
 def _pattern_network(path, pattern):
-    """The collapse/keep network of ``pattern`` on the data of a result file."""
+    """The collapse/keep network of ``pattern`` on the data of a result file.
+
+    Its output layer is the least-squares fit with an intercept: the best
+    output layer for the hidden ones (the papers' fit has no output bias, and
+    the network's free bias would then move at once under training).
+    """
     from .family import build_collapse_keep
 
     res = store.load(path)
@@ -555,9 +553,9 @@ def _pattern_network(path, pattern):
             f"per class ({Y.shape[0]})"
         )
     built = build_collapse_keep(X, labels, Y, np.asarray(pattern))
-    if built.status != "ok" or not built.layers:
+    if built.status != "ok" or not built.layers_intercept:
         raise RunFailure(f"network.init.pattern {pattern}: {built.message}")
-    return built.layers
+    return built.layers_intercept
 
 
 def flow_targets(cfg, ds):
@@ -733,10 +731,17 @@ def _run_truncate(run, progress=None):
     return run_truncate(run, progress)
 
 
+def _run_landscape(run, progress=None):
+    from .landscape_run import run_landscape
+
+    return run_landscape(run, progress)
+
+
 RUNNERS = {
     "construct": run_construct,
     "flow": run_flow,
     "trap": _run_trap,
     "collapse": _run_collapse,
     "truncate": _run_truncate,
+    "landscape": _run_landscape,
 }

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 SCHEMA_VERSION = 1
 RUN_ID_MAX = 120  # longer readable run ids are replaced by a hash
-KINDS = ("construct", "flow", "trap", "collapse", "truncate")
+KINDS = ("construct", "flow", "trap", "collapse", "truncate", "landscape")
 LATER_KINDS = ()
 
 
@@ -385,6 +385,48 @@ class TrapSpec(_Strict):
     path: str | None = None
 
 
+def _odd(value, key):
+    _expect(
+        value % 2 == 1,
+        key,
+        value,
+        "an odd number >= 3 (the minimizer is the middle grid point)",
+    )
+
+
+class LandscapeSpec(_Strict):
+    """Options of ``kind: landscape``: the cost around a minimizer."""
+
+    of: Literal["construct", "result"] = "construct"
+    path: str | None = None
+    pattern: list[Annotated[int, Field(ge=0, le=1)]] | None = None
+    lambdas: list[Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: [0.01, 0.1, 0.5], min_length=1
+    )
+    relative: bool = False
+    trials: int = Field(10, ge=1)
+    train: bool = False
+    threshold: Literal["auto"] | Annotated[float, Field(ge=0)] = "auto"
+    quantiles: list[Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=lambda: [0.1, 0.5, 0.9], min_length=1
+    )
+    directions: int = Field(3, ge=0)
+    points: int = Field(41, ge=3)
+    span: float | None = Field(None, gt=0)
+    plane: bool = True
+    plane_points: int = Field(21, ge=3)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.of == "result":
+            _expect(
+                self.path is not None, "path", None, "a result file with of: result"
+            )
+        _odd(self.points, "points")
+        _odd(self.plane_points, "plane_points")
+        return self
+
+
 class TruncateSpec(_Strict):
     """Options of ``kind: truncate``: the network seen through its truncation maps."""
 
@@ -415,6 +457,7 @@ class Experiment(_Strict):
     collapse: CollapseSpec = CollapseSpec()
     trap: TrapSpec = TrapSpec()
     truncate: TruncateSpec = TruncateSpec()
+    landscape: LandscapeSpec = Field(default_factory=LandscapeSpec)
     effective: EffectiveSpec = EffectiveSpec()
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
 
@@ -432,6 +475,7 @@ class Experiment(_Strict):
             or (self.kind == "truncate" and self.truncate.of != "result")
             or (self.kind == "trap" and self.trap.path is None)
             or (self.kind == "collapse" and self.collapse.of in ("construct", "flow"))
+            or (self.kind == "landscape" and self.landscape.of == "construct")
         )
         if needs_data:
             _expect(
@@ -451,6 +495,8 @@ class Experiment(_Strict):
             )
             if isinstance(self.data, (ClustersData, SlsData)):
                 _check_construct_shapes(self)
+        if self.kind == "landscape":
+            _check_landscape(self)
         if (
             self.kind == "flow"
             or (self.kind == "trap" and self.trap.path is None)
@@ -458,6 +504,23 @@ class Experiment(_Strict):
         ):
             _check_flow(self)
         return self
+
+
+def _check_landscape(exp):
+    """The minimizer's construction and, when trials train, the flow block."""
+    land = exp.landscape
+    if land.of == "construct" and land.pattern is None:
+        if isinstance(exp.data, (ClustersData, SlsData)):
+            _check_construct_shapes(exp)
+    if land.pattern is not None and isinstance(exp.data, (ClustersData, SlsData)):
+        _expect(
+            len(land.pattern) == exp.data.classes,
+            "landscape.pattern",
+            land.pattern,
+            f"one 0 (collapse) or 1 (keep) per class: {exp.data.classes} entries",
+        )
+    if land.train:
+        _check_solver(exp.flow)
 
 
 def _check_construct_shapes(exp):
@@ -519,7 +582,10 @@ def _check_flow(exp):
             None,
             "a list of hidden widths (or network.init from a file or result)",
         )
-    flow = exp.flow
+    _check_solver(exp.flow)
+
+
+def _check_solver(flow):
     if flow.solver == "sgd":
         _check_sgd(flow)
     if flow.solver == "euler":
