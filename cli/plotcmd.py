@@ -43,7 +43,8 @@ WhatOpt = typer.Option(
     help="Figure to draw, or 'all' for every figure that applies. Files: layers, "
     "patterns, data (construct); flow, cost, outputs, ntk (flow); trap, bound "
     "(trap); collapse, effective (collapse); truncview, truncation-time, animation "
-    "(a GIF) (dlmin truncate -o files and truncate results). Folders: sweep, "
+    "(a GIF) (dlmin truncate -o files and truncate results); landscape-hist, "
+    "landscape-slices, landscape-plane, landscape-trials (landscape). Folders: sweep, "
     "and flow, cost, outputs, ntk with one curve per run. Default: the first that "
     "applies.",
 )
@@ -98,15 +99,16 @@ def register(app):
         """Draw PNG figures of a result file or a sweep folder; print their paths."""
         from . import figures
 
+        catalog = figure_catalog()
         source = open_source(path)
-        names = choose(figures.FIGURES, source, what, x, y)
-        suffixes = [figures.FIGURES[n].suffix for n in names]
+        names = choose(catalog, source, what, x, y)
+        suffixes = [catalog[n].suffix for n in names]
         targets = output_paths(
             source, names, out, many=what == "all", suffixes=suffixes
         )
         written = 0
         for name, target in zip(names, targets):
-            kind = figures.FIGURES[name]
+            kind = catalog[name]
             options = {"x": x, "y": y} if name == "sweep" else {}
             try:
                 render(kind, load_for(kind, source), target, options)
@@ -123,6 +125,13 @@ def register(app):
             fail_usage(
                 f"{path}: none of the figures {', '.join(names)} had anything to plot"
             )
+
+
+def figure_catalog():
+    """Every figure by its ``--what`` name."""
+    from . import figures, landscape_figures
+
+    return {**figures.FIGURES, **landscape_figures.FIGURES}
 
 
 def fail_usage(message):
