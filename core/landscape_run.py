@@ -311,8 +311,9 @@ class _Ticker:
 def _write(w, r):
     w.array("landscape", "lambdas", r.lambdas)
     w.array("landscape", "quantiles", r.quantiles)
-    w.array("landscape", "coords", r.coords)
-    w.array("landscape", "slices", r.slices, rows="direction", columns="coords")
+    if r.slices.size:
+        w.array("landscape", "coords", r.coords)
+        w.array("landscape", "slices", r.slices, rows="direction", columns="coords")
     if r.plane is not None:
         w.array("landscape", "plane_coords", r.plane_coords)
         w.array("landscape", "plane", r.plane, rows="b (d2)", columns="a (d1)")
