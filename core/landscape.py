@@ -49,7 +49,8 @@ __all__ = [
 # Default quantiles of the per-lambda cost distributions.
 QUANTILES = (0.1, 0.5, 0.9)
 # A trial "escaped below" the minimizer when it ends below C* by more than
-# this relative margin (rounding at a zero-cost minimizer is not an escape).
+# this margin times max(|C*|, 1) (rounding at a zero-cost minimizer is not
+# an escape).
 BELOW_MARGIN = 1e-9
 
 
@@ -349,7 +350,7 @@ def statistics(grid, minimizer_cost, threshold, quantiles=QUANTILES):
         ``start_quantiles``, ``final_quantiles`` (n_lambdas, n_quantiles);
         ``start_mean``, ``final_mean``, ``fraction_returned``,
         ``fraction_below_minimum`` (ended below ``C*`` by more than
-        ``BELOW_MARGIN`` relative), ``fraction_failed`` (training blew up
+        ``BELOW_MARGIN * max(|C*|, 1)``), ``fraction_failed`` (training blew up
         or stalled), ``distance_median`` (n_lambdas,). The ``final_*``
         entries are NaN when nothing was trained.
     """

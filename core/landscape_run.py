@@ -53,6 +53,9 @@ class Minimizer:
         Per-sample targets of the cost.
     what : str
         A phrase naming it ("clustered construction", "collapse/keep 011").
+    smoothed : bool
+        The targets are a result file's stored per-sample targets, label
+        smoothing already applied: ``flow.label_smoothing`` is not applied again.
     """
 
     layers: list
@@ -61,6 +64,7 @@ class Minimizer:
     labels: np.ndarray | None
     targets: np.ndarray
     what: str
+    smoothed: bool = False
 
 
 def run_landscape(run, progress=None):
@@ -72,7 +76,7 @@ def run_landscape(run, progress=None):
     try:
         try:
             mini = SOURCES[land.of](w, run, base_dir)
-            Y = _cost_targets(cfg.flow, mini.targets)
+            Y = _cost_targets(cfg.flow, mini.targets, mini.smoothed)
             options = _trial_options(cfg.flow) if land.train else None
         except (RunFailure, ValueError, OSError) as exc:
             return _finish(w, summary, "failed", str(exc))
@@ -158,14 +162,18 @@ def _of_result(w, run, base_dir):
     if "X" not in data:
         raise RunFailure(f"landscape.path: {path} holds no data/X to evaluate on")
     X, labels = np.asarray(data["X"], dtype=float), data.get("labels")
-    if "targets" in data:
+    stored = "targets" in data
+    if stored:  # the per-sample targets its cost used, smoothing included
         targets = np.asarray(data["targets"], dtype=float)
     elif labels is not None and "Y" in data:
         targets = np.asarray(data["Y"], dtype=float)[np.asarray(labels)]
     else:
         raise RunFailure(f"landscape.path: {path} holds no targets for the cost")
     if land.pattern is not None:
-        layers, activation = _pattern_network(path, land.pattern), "relu"
+        layers = _pattern_network(
+            path, land.pattern, run.config.construct, "landscape.pattern"
+        )
+        activation = "relu"
         what = f"{_pattern_name(land.pattern)} on {path.name}"
     else:
         try:
@@ -176,16 +184,16 @@ def _of_result(w, run, base_dir):
     w.array("data", "X", X)
     if labels is not None:
         w.array("data", "labels", np.asarray(labels))
-    return Minimizer(layers, activation, X, labels, targets, what)
+    return Minimizer(layers, activation, X, labels, targets, what, smoothed=stored)
 
 
 SOURCES = {"construct": _of_construct, "result": _of_result}
 
 
-def _cost_targets(fcfg, targets):
+def _cost_targets(fcfg, targets, smoothed=False):
     """Per-sample targets of the cost (label smoothing as the flows use it)."""
     Y = np.asarray(targets, dtype=float)
-    eps = fcfg.label_smoothing
+    eps = 0.0 if smoothed else fcfg.label_smoothing
     if eps:
         Y = (1.0 - eps) * Y + eps / Y.shape[1]
     if fcfg.loss == "ce" and not np.all(Y > 0):

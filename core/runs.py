@@ -508,7 +508,7 @@ def initial_params(cfg, ds, rng, base_dir):
     if init.source == "file":
         params = network.load_npz(path)
     elif init.pattern is not None:
-        params = _pattern_network(path, init.pattern)
+        params = _pattern_network(path, init.pattern, cfg.construct)
     else:
         params = load_network(path).layers
     if init.source == "result" and init.perturb > 0:
@@ -532,12 +532,14 @@ def perturb_params(params, size, relative, rng):
     return perturb(params, (size, random_direction(params, rng, relative)))
 
 
-def _pattern_network(path, pattern):
+def _pattern_network(path, pattern, copt=None, key="network.init.pattern"):
     """The collapse/keep network of ``pattern`` on the data of a result file.
 
     Its output layer is the least-squares fit with an intercept: the best
     output layer for the hidden ones (the papers' fit has no output bias, and
     the network's free bias would then move at once under training).
+    ``copt`` (a ``construct:`` block) gives ``mu_factor`` and ``nu_rule``;
+    ``key`` is the spec key errors name.
     """
     from .family import build_collapse_keep
 
@@ -549,12 +551,13 @@ def _pattern_network(path, pattern):
     X, labels, Y = res["data"]["X"], res["data"]["labels"], res["data"]["Y"]
     if len(pattern) != Y.shape[0]:
         raise RunFailure(
-            f"network.init.pattern: found {len(pattern)} entries; allowed: one 0 or 1 "
-            f"per class ({Y.shape[0]})"
+            f"{key}: found {len(pattern)} entries; allowed: one 0 or 1 per class of "
+            f"{path} ({Y.shape[0]})"
         )
-    built = build_collapse_keep(X, labels, Y, np.asarray(pattern))
+    shifts = {} if copt is None else {"mu_factor": copt.mu_factor, "nu_rule": copt.nu_rule}
+    built = build_collapse_keep(X, labels, Y, np.asarray(pattern), **shifts)
     if built.status != "ok" or not built.layers_intercept:
-        raise RunFailure(f"network.init.pattern {pattern}: {built.message}")
+        raise RunFailure(f"{key} {pattern}: {built.message}")
     return built.layers_intercept
 
 

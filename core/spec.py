@@ -512,7 +512,11 @@ def _check_landscape(exp):
     if land.of == "construct" and land.pattern is None:
         if isinstance(exp.data, (ClustersData, SlsData)):
             _check_construct_shapes(exp)
-    if land.pattern is not None and isinstance(exp.data, (ClustersData, SlsData)):
+    if (
+        land.of == "construct"
+        and land.pattern is not None
+        and isinstance(exp.data, (ClustersData, SlsData))
+    ):
         _expect(
             len(land.pattern) == exp.data.classes,
             "landscape.pattern",
