@@ -34,7 +34,9 @@ def _landscape(res):
 def _minimizer(res):
     land = _landscape(res)
     a = land.get("attrs", {})
-    return str(a.get("minimizer", "minimizer")), float(a.get("minimizer_cost", math.nan))
+    return str(a.get("minimizer", "minimizer")), float(
+        a.get("minimizer_cost", math.nan)
+    )
 
 
 def _floor(*arrays):
@@ -95,8 +97,10 @@ def _fractions(res, i):
         ("fraction_failed", "failed"),
     ):
         values = stats.get(key)
-        if values is not None and np.isfinite(values[i]) and (
-            values[i] > 0 or key == "fraction_returned"
+        if (
+            values is not None
+            and np.isfinite(values[i])
+            and (values[i] > 0 or key == "fraction_returned")
         ):
             parts.append(f"{float(values[i]):.0%} {what}")
     return ", " + ", ".join(parts) if parts else ""
@@ -107,7 +111,9 @@ def draw_slices(fig, results):
     res = results[0]
     land = _landscape(res)
     coords = np.asarray(land["coords"], dtype=float)
-    slices = np.atleast_2d(np.asarray(land.get("slices", np.zeros((0, 0))), dtype=float))
+    slices = np.atleast_2d(
+        np.asarray(land.get("slices", np.zeros((0, 0))), dtype=float)
+    )
     if slices.size == 0:
         raise PlotError("the run evaluated no slices (landscape.directions: 0)")
     name, c_star = _minimizer(res)
@@ -140,8 +146,13 @@ def _start_costs(ax, res, c_star):
     floor = _floor(start)
     for i in range(start.shape[1]):
         ax.scatter(lam, _lifted(start[:, i], floor), s=10, color="0.45", alpha=0.6)
-    ax.plot(lam, _lifted(np.median(start, axis=1), floor), color=_color(0),
-            marker="o", label="median over trials")
+    ax.plot(
+        lam,
+        _lifted(np.median(start, axis=1), floor),
+        color=_color(0),
+        marker="o",
+        label="median over trials",
+    )
     if c_star >= floor:
         ax.axhline(c_star, color="0.2", lw=0.8, ls=":", label="C*")
     ax.set_xscale("log")
@@ -172,11 +183,26 @@ def draw_plane(fig, results):
     else:
         shown, label = Z, "cost"
     filled = ax.contourf(coords, coords, shown, levels=CONTOUR_LEVELS)
-    ax.contour(coords, coords, shown, levels=filled.levels, colors="k",
-               linewidths=0.3, alpha=0.5)
+    ax.contour(
+        coords,
+        coords,
+        shown,
+        levels=filled.levels,
+        colors="k",
+        linewidths=0.3,
+        alpha=0.5,
+    )
     fig.colorbar(filled, ax=ax, label=label)
-    ax.plot([0], [0], marker="*", color="w", markeredgecolor="k", markersize=12,
-            ls="none", label=f"θ* (C* = {c_star:.2e})")
+    ax.plot(
+        [0],
+        [0],
+        marker="*",
+        color="w",
+        markeredgecolor="k",
+        markersize=12,
+        ls="none",
+        label=f"θ* (C* = {c_star:.2e})",
+    )
     ax.set_aspect("equal")
     ax.set_xlabel("a (direction d1)")
     ax.set_ylabel("b (direction d2, orthogonal to d1 per tensor)")
@@ -196,15 +222,26 @@ def draw_trials(fig, results):
     times = np.asarray(trials["times"], dtype=float)
     lambdas = np.asarray(land["lambdas"], dtype=float)
     a = land.get("attrs", {})
-    floor = max(_floor(costs), THRESHOLD_DEPTH ** 3 * float(a.get("threshold", 0)))
+    floor = max(_floor(costs), THRESHOLD_DEPTH**3 * float(a.get("threshold", 0)))
     fig.set_size_inches(7, 4.2)
     ax = fig.subplots()
     for i, lam in enumerate(lambdas):
         for t in range(costs.shape[1]):
-            ax.plot(times[i, t], _lifted(costs[i, t], floor), color=_color(i),
-                    lw=0.8, alpha=0.7, label=f"λ = {lam:g}" if t == 0 else None)
-    ax.axhline(_lifted([a.get("threshold", math.nan)], floor)[0], color="0.2",
-               ls="--", lw=0.8, label="threshold")
+            ax.plot(
+                times[i, t],
+                _lifted(costs[i, t], floor),
+                color=_color(i),
+                lw=0.8,
+                alpha=0.7,
+                label=f"λ = {lam:g}" if t == 0 else None,
+            )
+    ax.axhline(
+        _lifted([a.get("threshold", math.nan)], floor)[0],
+        color="0.2",
+        ls="--",
+        lw=0.8,
+        label="threshold",
+    )
     ax.set_yscale("log")
     ax.set_xlabel("s (lr × steps for sgd)")
     ax.set_ylabel(f"cost (values below {floor:.0e} drawn there)")

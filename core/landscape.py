@@ -198,8 +198,10 @@ def plane_costs(params, d1, d2, coords, X, Y, activation="relu", loss="l2"):
     """
     return np.array(
         [
-            [cost(perturb(params, (a, d1), (b, d2)), X, Y, activation, loss)
-             for a in coords]
+            [
+                cost(perturb(params, (a, d1), (b, d2)), X, Y, activation, loss)
+                for a in coords
+            ]
             for b in coords
         ]
     )
@@ -302,7 +304,9 @@ def run_trials(
         row = []
         for t in range(trials):
             rng = stream(root, "trial", float(lam), t)
-            start = perturb(params, (float(lam), random_direction(params, rng, relative)))
+            start = perturb(
+                params, (float(lam), random_direction(params, rng, relative))
+            )
             trial = Trial(
                 lam=float(lam),
                 start_cost=cost(start, X, Y, activation, loss),

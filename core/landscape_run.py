@@ -254,10 +254,12 @@ def _compute(run, mini, Y, options, progress):
     ]
     slices = np.zeros((0, coords.size))
     if dirs:
-        slices = np.array([
-            tick(ls.slice_costs(mini.layers, [d], coords, mini.X, Y, **evaluate)[0])
-            for d in dirs
-        ])
+        slices = np.array(
+            [
+                tick(ls.slice_costs(mini.layers, [d], coords, mini.X, Y, **evaluate)[0])
+                for d in dirs
+            ]
+        )
     plane_coords = plane = None
     cos = math.nan
     if land.plane:
@@ -268,10 +270,12 @@ def _compute(run, mini, Y, options, progress):
         )
         d2 = ls.orthogonalize(d2, d1)
         cos = ls.cosine(d1, d2)
-        plane = np.array([
-            tick(_plane_row(mini, d1, d2, plane_coords, b, Y, evaluate))
-            for b in plane_coords
-        ])
+        plane = np.array(
+            [
+                tick(_plane_row(mini, d1, d2, plane_coords, b, Y, evaluate))
+                for b in plane_coords
+            ]
+        )
     grid = ls.run_trials(
         mini.layers,
         mini.X,
@@ -287,17 +291,32 @@ def _compute(run, mini, Y, options, progress):
     threshold = c_star + AUTO_THRESHOLD if land.threshold == "auto" else land.threshold
     stats = ls.statistics(grid, c_star, threshold, land.quantiles)
     return LandscapeResult(
-        mini, loss, c_star, grad_norm, float(threshold), lambdas, np.asarray(land.quantiles),
-        coords, slices, plane_coords, plane, cos, grid, stats, options is not None,
+        mini,
+        loss,
+        c_star,
+        grad_norm,
+        float(threshold),
+        lambdas,
+        np.asarray(land.quantiles),
+        coords,
+        slices,
+        plane_coords,
+        plane,
+        cos,
+        grid,
+        stats,
+        options is not None,
         land.relative,
     )
 
 
 def _plane_row(mini, d1, d2, coords, b, Y, evaluate):
-    return np.array([
-        ls.cost(ls.perturb(mini.layers, (a, d1), (b, d2)), mini.X, Y, **evaluate)
-        for a in coords
-    ])
+    return np.array(
+        [
+            ls.cost(ls.perturb(mini.layers, (a, d1), (b, d2)), mini.X, Y, **evaluate)
+            for a in coords
+        ]
+    )
 
 
 class _Ticker:

@@ -302,16 +302,18 @@ def _build_shallow(w, summary, ds, copt, hidden, rng, progress):
     )
     heldout = _heldout_error(result, ds, copt.heldout, rng)
     summary.update(values)
-    summary.update({
-        "cost_kind": "C_N",
-        "cost_spread": result.costs.get("C_N_spread"),
-        "cost_mismatch": result.costs.get("C_N_mismatch"),
-        "certified": bool(result.identity_regime),
-        "max_output_error": _finite_or_none(result.max_output_error),
-        "heldout_max_output_error": heldout,
-        "method": "shallow",
-        "gap_within_bound": bool(result.gap.within) if result.gap else None,
-    })
+    summary.update(
+        {
+            "cost_kind": "C_N",
+            "cost_spread": result.costs.get("C_N_spread"),
+            "cost_mismatch": result.costs.get("C_N_mismatch"),
+            "certified": bool(result.identity_regime),
+            "max_output_error": _finite_or_none(result.max_output_error),
+            "heldout_max_output_error": heldout,
+            "method": "shallow",
+            "gap_within_bound": bool(result.gap.within) if result.gap else None,
+        }
+    )
     return result.status, result.message
 
 
@@ -554,7 +556,9 @@ def _pattern_network(path, pattern, copt=None, key="network.init.pattern"):
             f"{key}: found {len(pattern)} entries; allowed: one 0 or 1 per class of "
             f"{path} ({Y.shape[0]})"
         )
-    shifts = {} if copt is None else {"mu_factor": copt.mu_factor, "nu_rule": copt.nu_rule}
+    shifts = (
+        {} if copt is None else {"mu_factor": copt.mu_factor, "nu_rule": copt.nu_rule}
+    )
     built = build_collapse_keep(X, labels, Y, np.asarray(pattern), **shifts)
     if built.status != "ok" or not built.layers_intercept:
         raise RunFailure(f"{key} {pattern}: {built.message}")

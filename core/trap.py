@@ -1074,8 +1074,8 @@ def _trap_flow_options(options):
         )
     if options.solver in ("euler", "sgd"):
         raise NotImplementedError(
-            f"trap analysis of the {options.solver} solver (gradient descent): the bound "
-            "is about the continuous flow; use an adaptive solver, e.g. "
+            f"trap analysis of the {options.solver} solver (gradient descent): "
+            "the bound is about the continuous flow; use an adaptive solver, e.g. "
             "'DOP853' or 'LSODA'"
         )
     if options.rtol > TRAP_RTOL_MAX:

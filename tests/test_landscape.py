@@ -119,8 +119,9 @@ def test_lambda_zero_starts_at_the_minimizer_cost_exactly(net):
     params, X, Y, root = net
     options = flows.FlowOptions(kind="standard", solver="sgd", lr=0.01, epochs=2)
     options.spectrum = False
-    grid = ls.run_trials(params, X, Y, [0.0, 0.1], 3, root, activation="tanh",
-                         options=options)
+    grid = ls.run_trials(
+        params, X, Y, [0.0, 0.1], 3, root, activation="tanh", options=options
+    )
     c_star = ls.cost(params, X, Y, "tanh")
     assert [t.start_cost for t in grid[0]] == [c_star] * 3
     assert [t.start_distance for t in grid[0]] == [0.0] * 3
@@ -158,13 +159,16 @@ def test_trials_of_other_sizes_and_indices_draw_other_directions(net):
 
 def test_adding_sizes_leaves_the_other_trials_unchanged(net):
     params, X, Y, root = net
-    options = flows.FlowOptions(kind="standard", solver="sgd", lr=0.05, batch=5,
-                                epochs=3)
+    options = flows.FlowOptions(
+        kind="standard", solver="sgd", lr=0.05, batch=5, epochs=3
+    )
     options.spectrum = False
-    few = ls.run_trials(params, X, Y, [0.1, 0.5], 2, root, activation="tanh",
-                        options=options)
-    many = ls.run_trials(params, X, Y, [0.01, 0.1, 0.3, 0.5], 3, root,
-                         activation="tanh", options=options)
+    few = ls.run_trials(
+        params, X, Y, [0.1, 0.5], 2, root, activation="tanh", options=options
+    )
+    many = ls.run_trials(
+        params, X, Y, [0.01, 0.1, 0.3, 0.5], 3, root, activation="tanh", options=options
+    )
     for row_few, row_many in ((few[0], many[1]), (few[1], many[3])):
         for a, b in zip(row_few, row_many):
             assert (a.start_cost, a.final_cost) == (b.start_cost, b.final_cost)
@@ -234,9 +238,10 @@ def test_linear_network_plane_is_the_exact_quadratic_form_rows_b(linear):
     coords = ls.slice_grid(1.0, 7)
     got = ls.plane_costs(params, d1, d2, coords, X, Y)
     a, b = coords[None, :], coords[:, None]  # entry (i, j) at a_j, b_i
-    want = c_star + (
-        a**2 * np.sum(u**2) + 2 * a * b * np.sum(u * v) + b**2 * np.sum(v**2)
-    ) / 40
+    want = (
+        c_star
+        + (a**2 * np.sum(u**2) + 2 * a * b * np.sum(u * v) + b**2 * np.sum(v**2)) / 40
+    )
     np.testing.assert_allclose(got, want, rtol=1e-12)
     assert not np.allclose(got, got.T, rtol=1e-6)  # the orientation is tested
     assert got[3, 3] == ls.cost(params, X, Y)
@@ -280,8 +285,14 @@ def test_cosine_of_a_direction_with_itself_and_its_negative(net):
 
 
 def trial(start, final=math.nan, distance=math.nan, status="ok"):
-    return ls.Trial(lam=0.0, start_cost=start, start_distance=0.0,
-                    final_cost=final, distance=distance, status=status)
+    return ls.Trial(
+        lam=0.0,
+        start_cost=start,
+        start_distance=0.0,
+        final_cost=final,
+        distance=distance,
+        status=status,
+    )
 
 
 def test_statistics_of_hand_made_trials():
@@ -322,8 +333,14 @@ def test_statistics_without_training_are_nan_except_the_starts():
     np.testing.assert_array_equal(s["start_quantiles"], [[2.0], [7.0]])
     np.testing.assert_array_equal(s["start_mean"], [2.0, 7.0])
     assert s["final_quantiles"].shape == (2, 1)
-    for key in ("final_quantiles", "final_mean", "fraction_returned",
-                "fraction_below_minimum", "fraction_failed", "distance_median"):
+    for key in (
+        "final_quantiles",
+        "final_mean",
+        "fraction_returned",
+        "fraction_below_minimum",
+        "fraction_failed",
+        "distance_median",
+    ):
         assert np.all(np.isnan(s[key])), key
 
 
@@ -371,11 +388,25 @@ def landscapes(tmp_path_factory):
 
 def test_rows_carry_the_landscape_keys(landscapes):
     keys = {
-        "minimizer", "minimizer_cost", "minimizer_grad_norm", "threshold", "lambdas",
-        "trials", "trained", "quantiles", "start_cost_quantiles",
-        "final_cost_quantiles", "slice_max", "slice_min", "plane_max",
-        "fraction_returned", "fraction_below_minimum", "fraction_failed",
-        "final_mean", "start_mean", "distance_median",
+        "minimizer",
+        "minimizer_cost",
+        "minimizer_grad_norm",
+        "threshold",
+        "lambdas",
+        "trials",
+        "trained",
+        "quantiles",
+        "start_cost_quantiles",
+        "final_cost_quantiles",
+        "slice_max",
+        "slice_min",
+        "plane_max",
+        "fraction_returned",
+        "fraction_below_minimum",
+        "fraction_failed",
+        "final_mean",
+        "start_mean",
+        "distance_median",
     }
     for row in landscapes["rows"].values():
         assert keys <= set(row) and row["status"] == "ok"
@@ -404,7 +435,8 @@ def test_cli_trials_are_stored_per_size_and_trial(landscapes):
     # one unit piece per tensor of the 4 layers: |theta - theta*| = lam sqrt(8)
     lam = np.array([[0.01], [0.3]])
     np.testing.assert_allclose(
-        trials["start_distance"][1:], np.repeat(lam * math.sqrt(8), 3, axis=1),
+        trials["start_distance"][1:],
+        np.repeat(lam * math.sqrt(8), 3, axis=1),
         rtol=1e-12,
     )
     np.testing.assert_array_equal(trials["costs"][:, :, 0], trials["start_cost"])
@@ -458,8 +490,18 @@ def test_gradient_vanishes_at_the_constructions_but_not_at_mixed_patterns(landsc
 
 
 def test_rerun_with_force_gives_identical_arrays(landscapes):
-    result = invoke("landscape", landscapes["spec"], "-o", landscapes["out"],
-                    "-e", "land", "--force", "--json", "-j", "1")
+    result = invoke(
+        "landscape",
+        landscapes["spec"],
+        "-o",
+        landscapes["out"],
+        "-e",
+        "land",
+        "--force",
+        "--json",
+        "-j",
+        "1",
+    )
     assert result.exit_code == 0, result.output
     again = store.load(rows(result)["land"]["path"])["landscape"]
     first = landscapes["files"]["land"]["landscape"]
@@ -537,8 +579,15 @@ def test_missing_result_file_fails_the_run_and_names_it(tmp_path):
         kind: landscape
         landscape: {of: result, path: nope.h5}
     """
-    result = invoke("landscape", write_spec(tmp_path, text), "-o", tmp_path / "out",
-                    "--json", "-j", "1")
+    result = invoke(
+        "landscape",
+        write_spec(tmp_path, text),
+        "-o",
+        tmp_path / "out",
+        "--json",
+        "-j",
+        "1",
+    )
     assert result.exit_code == 1
     row = rows(result)["land"]
     assert row["status"] == "failed" and "nope.h5" in row["message"]

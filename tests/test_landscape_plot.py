@@ -41,9 +41,7 @@ def files(tmp_path_factory):
     spec = write_spec(folder, SPEC)
     result = invoke("landscape", spec, "-o", folder / "out", "-q")
     assert result.exit_code == 0, result.output
-    return {
-        name: folder / "out" / name / "run.h5" for name in ("trained", "evaluated")
-    }
+    return {name: folder / "out" / name / "run.h5" for name in ("trained", "evaluated")}
 
 
 @pytest.mark.parametrize("what", FIGURES)
