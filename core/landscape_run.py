@@ -28,6 +28,7 @@ from .runs import (
     _write_data,
     base_summary,
     deep_construction,
+    existing_file,
     flow_options,
     make_dataset,
 )
@@ -153,10 +154,7 @@ def _of_result(w, run, base_dir):
     from .predict import load_network
 
     land = run.config.landscape
-    path = Path(land.path)
-    path = path if path.is_absolute() else base_dir / path
-    if not path.exists():
-        raise RunFailure(f"landscape.path: {path}: no such file")
+    path = existing_file(land.path, base_dir, "landscape.path")
     res = store.load(path)
     data = res.get("data", {})
     if "X" not in data:

@@ -22,6 +22,15 @@ class RunFailure(Exception):
     """A run cannot go on; the message says why and what to try."""
 
 
+def existing_file(value, base_dir, key):
+    """A spec's file path, relative to the spec's folder; RunFailure if missing."""
+    path = Path(value)
+    path = path if path.is_absolute() else Path(base_dir) / path
+    if not path.exists():
+        raise RunFailure(f"{key}: {path}: no such file")
+    return path
+
+
 def make_dataset(cfg, rng, base_dir="."):
     """Build the dataset a run's ``data:`` block describes."""
     if cfg.source == "clusters":
@@ -503,10 +512,7 @@ def initial_params(cfg, ds, rng, base_dir):
                 f"{built.message}"
             )
         return partial_truncation_start(built, ds.X, ds.labels, init.layer, init.weight)
-    path = Path(init.path)
-    path = path if path.is_absolute() else Path(base_dir) / path
-    if not path.exists():
-        raise RunFailure(f"network.init.path: {path}: no such file")
+    path = existing_file(init.path, base_dir, "network.init.path")
     if init.source == "file":
         params = network.load_npz(path)
     elif init.pattern is not None:

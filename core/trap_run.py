@@ -23,6 +23,7 @@ from .runs import (
     _open_writer,
     base_summary,
     clamped,
+    existing_file,
     flow_start,
     write_flow_start,
 )
@@ -142,10 +143,7 @@ def _from_file(w, run, base_dir, progress):
     from .predict import load_network
 
     tcfg = run.config.trap
-    path = Path(tcfg.path)
-    path = path if path.is_absolute() else base_dir / path
-    if not path.exists():
-        raise RunFailure(f"trap.path: {path}: no such file")
+    path = existing_file(tcfg.path, base_dir, "trap.path")
     res = store.load(path)
     traj = res.get("trajectory", {})
     if "theta" not in traj:

@@ -21,6 +21,7 @@ from .runs import (
     base_summary,
     clamped,
     deep_construction,
+    existing_file,
     flow_options,
     flow_start,
     make_dataset,
@@ -99,10 +100,7 @@ def _of_construct(w, run, base_dir, progress):
 
 
 def _of_result(w, run, base_dir, progress):
-    path = Path(run.config.truncate.path)
-    path = path if path.is_absolute() else base_dir / path
-    if not path.exists():
-        raise RunFailure(f"truncate.path: {path}: no such file")
+    path = existing_file(run.config.truncate.path, base_dir, "truncate.path")
     src = tv.load_source(path)
     w.array("data", "X", src.X)
     w.array("data", "labels", src.labels)
