@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/dlmin run experiments.yaml -o results; test $$? -le 1
 	for d in results/*/; do $(BIN)/dlmin plot "$$d" --what all > /dev/null || exit 1; done
+	@# a sweep's folder figures compare its runs; each run also gets its own
+	for d in results/*/; do \
+	  set -- "$$d"*.h5; [ $$# -gt 1 ] || continue; \
+	  for f in "$$@"; do $(BIN)/dlmin plot "$$f" --what all > /dev/null || exit 1; done; \
+	done
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1241,8 +1241,10 @@ def _check_key(option, key, allowed):
 
 
 def _value(row, key):
+    """A run's value of ``key``; lists (a swept pattern) as their text."""
     point = row.get("point") or {}
-    return point[key] if key in point else row.get(key)
+    value = point[key] if key in point else row.get(key)
+    return str(value) if isinstance(value, (list, dict)) else value
 
 
 def _sweep_lines(rows, x, y, others):

@@ -5,6 +5,7 @@ import pytest
 from matplotlib.figure import Figure
 from typer.testing import CliRunner
 
+from dlmin.cli import figures
 from dlmin.cli import landscape_figures as lf
 from dlmin.cli import plotcmd
 from dlmin.cli.app import app
@@ -108,3 +109,29 @@ def test_slices_draw_the_stored_curves(files):
     left = fig.axes[0]
     curves = [ln.get_ydata() for ln in left.lines if ln.get_label().startswith("dir")]
     np.testing.assert_array_equal(np.array(curves), res["landscape"]["slices"])
+
+
+PATTERNS = """\
+experiments:
+  - name: patterns
+    kind: landscape
+    data: {source: clusters, classes: 3, dim: 3, points: 6, radius: 0.1}
+    construct: {method: collapse-keep}
+    landscape: {lambdas: [0.1], trials: 2, points: 5, directions: 1, plane: false}
+    sweep:
+      landscape.pattern: [[1, 1, 1], [0, 1, 1]]
+"""
+
+
+def test_a_sweep_over_patterns_plots_as_a_folder(tmp_path):
+    spec = write_spec(tmp_path, PATTERNS)
+    assert invoke("landscape", spec, "-o", tmp_path / "out", "-q").exit_code == 0
+    folder = tmp_path / "out" / "patterns"
+    result = invoke("plot", folder, "--what", "all", "-o", tmp_path / "figs")
+    assert result.exit_code == 0, result.output
+    assert [p.rsplit("/", 1)[1] for p in result.stdout.split()] == ["sweep.png"]
+    res = [plotcmd.load(p) for p in sorted(folder.glob("*.h5"))]
+    fig = Figure()
+    figures.draw_sweep(fig, res)
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert ticks == ["[0, 1, 1]", "[1, 1, 1]"]
