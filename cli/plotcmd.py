@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -25,7 +25,8 @@ PARTIAL = ".partial"
 
 PathArg = typer.Argument(
     ...,
-    help="A result file (.h5 or .h5.partial) or a folder of result files (a sweep).",
+    help="A result file (.h5 or .h5.partial) or a folder of result files (a "
+    "sweep); several are drawn one after another (without --out).",
     show_default=False,
 )
 OutOpt = typer.Option(
@@ -90,41 +91,48 @@ class Source:
 def register(app):
     @app.command()
     def plot(
-        path: Path = PathArg,
+        paths: List[Path] = PathArg,
         out: Optional[Path] = OutOpt,
         what: Optional[str] = WhatOpt,
         x: Optional[str] = XOpt,
         y: Optional[str] = YOpt,
     ):
-        """Draw PNG figures of a result file or a sweep folder; print their paths."""
-        from . import figures
-
-        catalog = figure_catalog()
-        source = open_source(path)
-        names = choose(catalog, source, what, x, y)
-        suffixes = [catalog[n].suffix for n in names]
-        targets = output_paths(
-            source, names, out, many=what == "all", suffixes=suffixes
-        )
-        written = 0
-        for name, target in zip(names, targets):
-            kind = catalog[name]
-            options = {"x": x, "y": y} if name == "sweep" else {}
-            try:
-                render(kind, load_for(kind, source), target, options)
-            except figures.PlotError as exc:
-                if what != "all":
-                    fail_usage(f"{path}: nothing to plot for --what {name}: {exc}")
-                err_console.print(
-                    f"skipped {name}: {exc}", soft_wrap=True, markup=False
-                )
-                continue
-            print(target)
-            written += 1
-        if not written:
+        """Draw PNG figures of result files or sweep folders; print their paths."""
+        if len(paths) > 1 and out is not None:
             fail_usage(
-                f"{path}: none of the figures {', '.join(names)} had anything to plot"
+                "--out names one output; with several paths the figures go next "
+                "to each of them"
             )
+        for path in paths:
+            plot_one(path, out, what, x, y)
+
+
+def plot_one(path, out, what, x, y):
+    """The figures of one file or folder (exit 2 when it has nothing to draw)."""
+    from . import figures
+
+    catalog = figure_catalog()
+    source = open_source(path)
+    names = choose(catalog, source, what, x, y)
+    suffixes = [catalog[n].suffix for n in names]
+    targets = output_paths(source, names, out, many=what == "all", suffixes=suffixes)
+    written = 0
+    for name, target in zip(names, targets):
+        kind = catalog[name]
+        options = {"x": x, "y": y} if name == "sweep" else {}
+        try:
+            render(kind, load_for(kind, source), target, options)
+        except figures.PlotError as exc:
+            if what != "all":
+                fail_usage(f"{path}: nothing to plot for --what {name}: {exc}")
+            err_console.print(f"skipped {name}: {exc}", soft_wrap=True, markup=False)
+            continue
+        print(target)
+        written += 1
+    if not written:
+        fail_usage(
+            f"{path}: none of the figures {', '.join(names)} had anything to plot"
+        )
 
 
 def figure_catalog():

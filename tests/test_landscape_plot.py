@@ -77,6 +77,17 @@ def test_missing_pieces_exit_2_naming_them(files, what, needle):
     assert "nothing to plot" in result.stderr and needle in result.stderr
 
 
+def test_several_paths_are_drawn_in_one_call(files, tmp_path):
+    result = invoke("plot", files["trained"], files["evaluated"], "--what", "all")
+    assert result.exit_code == 0, result.output
+    drawn = result.stdout.split()
+    for name in ("trained", "evaluated"):
+        assert str(files[name].with_name("run-landscape-hist.png")) in drawn
+    assert str(files["trained"].with_name("run-landscape-plane.png")) in drawn
+    both = invoke("plot", files["trained"], files["evaluated"], "-o", tmp_path / "x")
+    assert both.exit_code == 2 and "--out names one output" in both.stderr
+
+
 def test_histograms_count_every_trial_of_each_lambda(files):
     for name, trials in (("trained", 3), ("evaluated", 4)):
         res = plotcmd.load(files[name])
