@@ -47,6 +47,11 @@ _PUBLIC = {
     "FlowOptions": "flows",
     "integrate": "flows",
     "velocity": "flows",
+    # the landscape around a minimizer
+    "random_direction": "landscape",
+    "slice_costs": "landscape",
+    "plane_costs": "landscape",
+    "run_trials": "landscape",
     # specs, runs and files
     "load_spec": "spec",
     "plan": "spec",

@@ -435,7 +435,12 @@ def _message(r):
         return text + f"; {r.lambdas.size} sizes x {len(r.grid[0])} starts evaluated"
     parts = [
         f"lambda {lam:g}: {frac:.0%} returned"
-        for lam, frac in zip(r.lambdas, r.stats["fraction_returned"])
+        + (f" ({below:.0%} below C*)" if below > 0 else "")
+        for lam, frac, below in zip(
+            r.lambdas,
+            r.stats["fraction_returned"],
+            r.stats["fraction_below_minimum"],
+        )
     ]
     failed = int(sum(t.status == "failed" for row in r.grid for t in row))
     if failed:
