@@ -15,6 +15,10 @@ stacked outputs); targets come from a small random teacher net.
    (``integrate`` with ``solver: euler``), a plain NumPy loop written here,
    and PyTorch (``torch.optim.SGD``, float64, CPU) when importable, here or
    in the peers' environment /work/peers-venv (run in a subprocess).
+3. Mini-batch SGD (``solver: sgd``, batch SGD_BATCH, momentum SGD_MOMENTUM,
+   SGD_EPOCHS epochs): dlmin against a plain NumPy loop written here with
+   the same permutations and arithmetic (the same final parameters), so the
+   ratio is dlmin's overhead per step (full-cost checks at epoch ends).
 
 Medians over repeats; results go to bench/results/flow.json.
 
@@ -56,6 +60,9 @@ SHORT_RUN, LONG_RUN = 2, 8
 REDUCTION = 100.0
 LR_SCALE = 1.0
 POWER_ITERATIONS = 100
+# Mini-batch SGD: 10 steps per epoch on N = 200; a learning rate that the
+# momentum keeps stable for this net.
+SGD_BATCH, SGD_MOMENTUM, SGD_EPOCHS, SGD_LR, SGD_SEED = 20, 0.9, 20, 0.05, 3
 
 
 def problem():
@@ -279,6 +286,73 @@ def torch_descent(X, Y, params, lr, target, repeats, threads):
     }
 
 
+def dlmin_sgd(X, Y, params):
+    opts = fl.FlowOptions(
+        kind="standard",
+        solver="sgd",
+        lr=SGD_LR,
+        batch=SGD_BATCH,
+        momentum=SGD_MOMENTUM,
+        epochs=SGD_EPOCHS,
+        record=2,
+        spectrum=False,
+        store_theta=False,
+    )
+    result = fl.integrate(params, X, Y, opts, activation=ACTIVATION, seed=SGD_SEED)
+    return result.steps, nw.flatten(result.params)
+
+
+def numpy_sgd(X, Y, params):
+    """Heavy-ball SGD on mini-batches, permutations as dlmin draws them."""
+    rng = np.random.default_rng(SGD_SEED)
+    Ws = [W.copy() for W, _ in params]
+    bs = [b.copy() for _, b in params]
+    vW = [np.zeros_like(W) for W in Ws]
+    vb = [np.zeros_like(b) for b in bs]
+    steps = 0
+    for _ in range(SGD_EPOCHS):
+        order = rng.permutation(N)
+        for first in range(0, N, SGD_BATCH):
+            rows = order[first : first + SGD_BATCH]
+            acts = [X[rows]]
+            for W, b in zip(Ws[:-1], bs[:-1]):
+                acts.append(np.tanh(acts[-1] @ W.T + b))
+            delta = (acts[-1] @ Ws[-1].T + bs[-1] - Y[rows]) / len(rows)
+            for layer in range(len(Ws) - 1, -1, -1):
+                grad_W, grad_b = delta.T @ acts[layer], delta.sum(axis=0)
+                if layer > 0:
+                    delta = (delta @ Ws[layer]) * (1.0 - acts[layer] ** 2)
+                vW[layer] = SGD_MOMENTUM * vW[layer] + grad_W
+                vb[layer] = SGD_MOMENTUM * vb[layer] + grad_b
+                Ws[layer] -= SGD_LR * vW[layer]
+                bs[layer] -= SGD_LR * vb[layer]
+            steps += 1
+    return steps, nw.flatten(list(zip(Ws, bs)))
+
+
+def bench_sgd(X, Y, params, repeats):
+    """dlmin's SGD against the NumPy loop, interleaved; checks they agree."""
+    times = {"dlmin": [], "numpy": []}
+    for _ in range(repeats):
+        for name, fn in (("dlmin", dlmin_sgd), ("numpy", numpy_sgd)):
+            start = time.perf_counter()
+            steps, theta = fn(X, Y, params)
+            times[name].append(time.perf_counter() - start)
+            if name == "dlmin":
+                reference = theta
+            else:
+                gap = float(np.max(np.abs(theta - reference)))
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    return {
+        "steps": steps,
+        "dlmin_s": medians["dlmin"],
+        "numpy_s": medians["numpy"],
+        "ratio": medians["dlmin"] / medians["numpy"],
+        "max_parameter_gap": gap,
+        "s_all": times,
+    }
+
+
 def timed(fn, *args):
     start = time.perf_counter()
     steps, cost = fn(*args)
@@ -367,6 +441,14 @@ def print_table(record):
             f"{1e3 * row['s'] / max(row['steps'], 1):8.3f} "
             f"{row['cost']:11.5g}"
         )
+    g = record["sgd_run"]
+    print(
+        f"\nmini-batch SGD, batch {SGD_BATCH}, momentum {SGD_MOMENTUM}, "
+        f"{SGD_EPOCHS} epochs ({g['steps']} steps):"
+    )
+    print(f"  dlmin    {g['dlmin_s']:9.3f} s")
+    print(f"  numpy    {g['numpy_s']:9.3f} s   dlmin / numpy = {g['ratio']:.2f}")
+    print(f"  largest parameter difference {g['max_parameter_gap']:.1e}")
 
 
 def main():
@@ -386,6 +468,7 @@ def main():
         "repeats": args.repeats,
         "adapted_step": bench_adapted(X, Y, params, args.repeats),
         "standard_run": bench_standard(X, Y, params, args.repeats),
+        "sgd_run": bench_sgd(X, Y, params, args.repeats),
         "machine": {
             "python": platform.python_version(),
             "system": platform.platform(),
