@@ -143,6 +143,16 @@ def _start_costs(ax, res, c_star):
         ax.set_axis_off()
         return
     lam, start = lambdas[keep], start[keep]
+    if not np.isfinite(start).any():
+        ax.text(
+            0.5,
+            0.5,
+            "no perturbed start has a finite cost",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
+        return
     floor = _floor(start)
     for i in range(start.shape[1]):
         ax.scatter(lam, _lifted(start[:, i], floor), s=10, color="0.45", alpha=0.6)
@@ -182,6 +192,9 @@ def draw_plane(fig, results):
         label = "log10 cost"
     else:
         shown, label = Z, "cost"
+    shown = np.ma.masked_invalid(shown)  # overflowed costs are left blank
+    if shown.count() == 0:
+        raise PlotError("no point of the plane has a finite cost")
     filled = ax.contourf(coords, coords, shown, levels=CONTOUR_LEVELS)
     ax.contour(
         coords,

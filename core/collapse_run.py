@@ -91,6 +91,7 @@ def _of_construct(w, summary, run, base_dir, progress):
             f"the construction failed, nothing to measure: {result.message}",
         )
     store.store_layers(w, "network", result.layers)
+    w.set_attrs("network", activation="relu")
     cumulative = result.cumulative[:-1] if cfg.collapse.truncation else None
     _per_layer(
         w,
@@ -167,6 +168,7 @@ def _of_flow(w, summary, run, base_dir, progress):
     for key, value in traj.items():
         w.array("trajectory", key, value)
     store.store_layers(w, "network", result.params)
+    w.set_attrs("network", activation=cfg.network.activation)
     summary.update(
         cost_initial=result.cost_initial,
         cost_final=result.cost_final,

@@ -69,6 +69,7 @@ __all__ = [
     "velocity",
     "cost_and_gradient",
     "ce_minimizer",
+    "check_options",
     "recording_times",
 ]
 
@@ -93,7 +94,7 @@ DEFAULT_TIME_PER_SAMPLE = 10.0
 # First positive time of a logarithmic recording grid, relative to s_max.
 LOG_GRID_FIRST = 1e-4
 # Every flow here decreases C in exact arithmetic; growth by this factor
-# over C(0) can only be numerical divergence.
+# over max(C(0), cost of the zero output) can only be numerical divergence.
 BLOWUP_GROWTH = 1e12
 # The solver stalled when STALL_WINDOW accepted steps in a row were all
 # shorter than STALL_STEP_REL * s_max: at that pace s_max needs 1e9 steps.
@@ -457,12 +458,7 @@ def _batches_per_epoch(options, n_samples):
 
 def _resolve_options(options, problem):
     """Check every option; return a copy with the defaults filled in."""
-    if not isinstance(options, FlowOptions):
-        raise ValueError(
-            f"options: expected a FlowOptions, got {type(options).__name__}"
-        )
-    _check_choices(options)
-    _check_numbers(options)
+    check_options(options)
     solver = options.solver
     if solver == "auto":
         solver = "RK45" if options.kind == "standard" else "DOP853"
@@ -472,6 +468,22 @@ def _resolve_options(options, problem):
     return replace(
         options, solver=solver, store_theta=bool(store), time=_s_max(options, problem.N)
     )
+
+
+def check_options(options):
+    """Check a FlowOptions as :func:`integrate` would, before any data.
+
+    Raises
+    ------
+    ValueError
+        Naming the option (``flow.<name>``), what it is and what is allowed.
+    """
+    if not isinstance(options, FlowOptions):
+        raise ValueError(
+            f"options: expected a FlowOptions, got {type(options).__name__}"
+        )
+    _check_choices(options)
+    _check_numbers(options)
 
 
 def _check_choices(options):
@@ -908,6 +920,7 @@ class _Baseline:
     cost0: float
     x_star: np.ndarray | None  # (N*Q,), cross-entropy only
     row_sums0: np.ndarray | None  # (N,), cross-entropy only
+    growth_base: float = 0.0  # the cost BLOWUP_GROWTH multiplies
 
 
 def _baseline(problem, st):
@@ -916,7 +929,16 @@ def _baseline(problem, st):
         x0 = st.cache.output
         x_star = _ce_minimizer(x0, problem.Y).ravel()
         row_sums0 = x0.sum(axis=1)
-    return _Baseline(st.x.copy(), problem.Y.ravel(), st.cost, x_star, row_sums0)
+    # At a zero-cost start (a minimizer) growth over C(0) means nothing: the
+    # cost of the zero output, |y|^2 / (2N) (1 for cross-entropy), is the
+    # floor of the scale a blow-up is measured against.
+    if problem.loss == "ce":
+        floor = 1.0
+    else:
+        floor = float(np.vdot(problem.Y, problem.Y)) / (2 * problem.N)
+    base = _Baseline(st.x.copy(), problem.Y.ravel(), st.cost, x_star, row_sums0)
+    base.growth_base = max(st.cost, floor)
+    return base
 
 
 def _measure(fld, s, theta, base):
@@ -1077,11 +1099,11 @@ class _Run:
 
     def diverged(self, st):
         """Non-finite or exploding cost (every flow here decreases C)."""
-        cost0 = self.recorder.base.cost0
+        base = self.recorder.base
         if not math.isfinite(st.cost) or not np.all(np.isfinite(st.x)):
             return "the outputs became non-finite"
-        if cost0 > 0 and st.cost > BLOWUP_GROWTH * cost0:
-            return f"the cost grew from {cost0:.3e} to {st.cost:.3e}"
+        if base.growth_base > 0 and st.cost > BLOWUP_GROWTH * base.growth_base:
+            return f"the cost grew from {base.cost0:.3e} to {st.cost:.3e}"
         return None
 
     def report(self, s):
@@ -1274,6 +1296,7 @@ def _drive_sgd(run, theta):
     velocity = np.zeros_like(theta) if mu > 0 else None
     run.recorder.due(0.5 * h_epoch, inclusive=False)
     s, k = 0.0, 0
+    good = _Good(run, 0.0, theta)  # the last state checked on the full data
     for epoch in range(1, o.epochs + 1):
         order = run.rng.permutation(p.N) if size < p.N else None
         for j in range(per_epoch):
@@ -1287,7 +1310,7 @@ def _drive_sgd(run, theta):
                     if not np.all(np.isfinite(theta_new)):
                         raise _BlowUp("the parameters became non-finite")
             except (ArithmeticError, np.linalg.LinAlgError) as exc:
-                return _Stop("blowup", s, theta, str(exc))
+                return good.stop("blowup", f"{exc} in epoch {epoch}")
             k += 1
             run.recorder.extra["epoch"] = np.float64(k / per_epoch)
             if run.on_step is not None:
@@ -1296,15 +1319,16 @@ def _drive_sgd(run, theta):
             run.steps = k
             run.report(s)
             if run.out_of_time() and j < per_epoch - 1:
-                return _Stop("wall", s, theta)
+                return _checked_stop(run, good, "wall", s, theta)
         try:
             with np.errstate(**_STRICT_FP):
                 st = fld.state(theta)
         except (ArithmeticError, np.linalg.LinAlgError) as exc:
-            return _Stop("blowup", s, theta, str(exc))
+            return good.stop("blowup", f"{exc} at the end of epoch {epoch}")
         problem = run.diverged(st)
         if problem:
-            return _Stop("blowup", s, theta, problem)
+            return good.stop("blowup", f"{problem} by the end of epoch {epoch}")
+        good = _Good(run, s, theta)
         limit = math.inf if epoch == o.epochs else s + 0.5 * h_epoch
         if run.recorder.due(limit, inclusive=False).size:
             run.recorder.take(s, theta)
@@ -1312,6 +1336,30 @@ def _drive_sgd(run, theta):
         if stop:
             return stop
     return _Stop("time", s, theta)
+
+
+class _Good:
+    """An SGD state whose full-data cost was evaluated, to fall back to."""
+
+    def __init__(self, run, s, theta):
+        self.run, self.s, self.theta = run, s, theta
+        self.epoch = run.recorder.extra.get("epoch", np.float64(0.0))
+
+    def stop(self, reason, detail):
+        """Stop here: the record's epoch goes back to this state's."""
+        self.run.recorder.extra["epoch"] = self.epoch
+        return _Stop(reason, self.s, self.theta, detail)
+
+
+def _checked_stop(run, good, reason, s, theta):
+    """Stop at a mid-epoch state if its full-data evaluation is finite."""
+    try:
+        with np.errstate(**_STRICT_FP):
+            st = run.fld.state(theta)
+    except (ArithmeticError, np.linalg.LinAlgError) as exc:
+        return good.stop("blowup", str(exc))
+    problem = run.diverged(st)
+    return good.stop("blowup", problem) if problem else _Stop(reason, s, theta)
 
 
 def _batch_gradient(fld, theta, order, first, size):

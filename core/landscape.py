@@ -35,6 +35,9 @@ from . import network as nw
 __all__ = [
     "random_direction",
     "perturb",
+    "orthogonalize",
+    "cosine",
+    "cost",
     "direction_norms",
     "gradient_norm",
     "slice_grid",
@@ -52,6 +55,9 @@ QUANTILES = (0.1, 0.5, 0.9)
 # this margin times max(|C*|, 1) (rounding at a zero-cost minimizer is not
 # an escape).
 BELOW_MARGIN = 1e-9
+# A direction piece whose part orthogonal to another is below this fraction
+# of its norm counts as parallel (its residual is rounding, not direction).
+PARALLEL_TOL = 1e-12
 
 
 def random_direction(params, rng, relative=False):
@@ -87,7 +93,16 @@ def random_direction(params, rng, relative=False):
 def perturb(params, *steps):
     """``params + sum_i a_i d_i`` for ``steps = ((a_1, d_1), (a_2, d_2), ...)``.
 
-    ``a = 0`` returns copies equal to ``params`` bit for bit.
+    Parameters
+    ----------
+    params : sequence of (W, b) pairs
+    *steps : (float, direction) pairs
+        Directions as :func:`random_direction` returns them.
+
+    Returns
+    -------
+    list of (W, b) pairs
+        New arrays; ``a = 0`` gives copies equal to ``params`` bit for bit.
     """
     out = []
     for layer, (W, b) in enumerate(params):
@@ -109,8 +124,17 @@ def direction_norms(direction):
 def orthogonalize(d2, d1):
     """``d2`` made orthogonal to ``d1`` tensor by tensor, keeping its piece norms.
 
-    A piece with a single entry, or parallel to ``d1``'s, is left as it is
-    (there is no orthogonal direction to turn it to).
+    Parameters
+    ----------
+    d2, d1 : directions (lists of (dW, db) pairs of equal shapes)
+
+    Returns
+    -------
+    list of (dW, db) pairs
+        Each piece of ``d2`` minus its projection on ``d1``'s piece, scaled
+        back to its norm. A piece with a single entry, or parallel to
+        ``d1``'s (residual below ``PARALLEL_TOL`` of its norm), is left as
+        it is: there is no orthogonal direction to turn it to.
     """
     out = []
     for pair2, pair1 in zip(d2, d1):
@@ -119,14 +143,17 @@ def orthogonalize(d2, d1):
             n1, n2 = float(np.vdot(T1, T1)), float(np.linalg.norm(T2))
             R = T2 - (float(np.vdot(T1, T2)) / n1) * T1 if n1 > 0 else T2
             nr = float(np.linalg.norm(R))
-            ok = T2.size > 1 and nr > 1e-12 * max(n2, 1e-300)
+            ok = T2.size > 1 and nr > PARALLEL_TOL * n2 and nr > 0
             pieces.append(R * (n2 / nr) if ok else T2.copy())
         out.append(tuple(pieces))
     return out
 
 
 def cosine(d1, d2):
-    """Cosine of the angle between two directions as flat vectors."""
+    """Cosine of the angle between two directions as flat vectors (NaN if zero).
+
+    ``d1``, ``d2``: lists of (dW, db) pairs of equal shapes.
+    """
     a = np.concatenate([T.ravel() for pair in d1 for T in pair])
     b = np.concatenate([T.ravel() for pair in d2 for T in pair])
     na, nb = np.linalg.norm(a), np.linalg.norm(b)
@@ -147,16 +174,36 @@ def slice_grid(span, points):
 
 
 def cost(params, X, Y, activation="relu", loss="l2"):
-    """The cost ``C(theta)`` of :mod:`dlmin.core.flows` at ``params``."""
-    value, _ = flows.cost_and_gradient(nw.forward(params, X, activation), Y, loss)
-    return value
+    """The cost ``C(theta)`` of :mod:`dlmin.core.flows` at ``params``.
+
+    Parameters
+    ----------
+    params : sequence of (W, b) pairs
+    X : ndarray, shape (n_samples, n_inputs)
+    Y : ndarray, shape (n_samples, n_outputs)
+        Per-sample targets.
+    activation, loss : str
+
+    Returns
+    -------
+    float
+        ``inf`` where the outputs overflow (a huge perturbation), with no
+        floating-point warning.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        x = nw.forward(params, X, activation)
+        if not np.all(np.isfinite(x)):
+            return math.inf
+        value, _ = flows.cost_and_gradient(x, Y, loss)
+    return value if math.isfinite(value) else math.inf
 
 
 def gradient_norm(params, X, Y, activation="relu", loss="l2"):
     """``|grad_theta C|`` at ``params``: zero (to rounding) at a critical point.
 
     ReLU's derivative at 0 is taken as 0, so for a ReLU network this is the
-    norm of one element of the Clarke subdifferential.
+    norm of one element of the Clarke subdifferential. ``X`` has shape
+    (n_samples, n_inputs), ``Y`` (n_samples, n_outputs).
     """
     x = nw.forward(params, X, activation)
     _, g = flows.cost_and_gradient(x, Y, loss)
@@ -190,6 +237,16 @@ def slice_costs(params, directions, coords, X, Y, activation="relu", loss="l2"):
 def plane_costs(params, d1, d2, coords, X, Y, activation="relu", loss="l2"):
     """``C(theta* + a d1 + b d2)`` on a square grid.
 
+    Parameters
+    ----------
+    params : sequence of (W, b) pairs
+        ``theta*``.
+    d1, d2 : directions (see :func:`random_direction`)
+    coords : ndarray, shape (n_points,)
+        Grid of ``a`` and of ``b``.
+    X : ndarray, shape (n_samples, n_inputs)
+    Y : ndarray, shape (n_samples, n_outputs)
+
     Returns
     -------
     ndarray, shape (n_points, n_points)
@@ -208,10 +265,19 @@ def plane_costs(params, d1, d2, coords, X, Y, activation="relu", loss="l2"):
 
 
 def stream(root, *parts):
-    """A random generator keyed by ``root`` (ints) and ``parts`` (any values).
+    """A random generator keyed by ``root`` and ``parts``.
 
-    The parts are hashed by their text (floats by ``repr``), so the stream of
-    one perturbation size does not depend on the others.
+    Parameters
+    ----------
+    root : sequence of int
+        E.g. a run's key and seed.
+    *parts : values
+        Hashed by their text (floats by ``repr``), so the stream of one
+        perturbation size does not depend on the others.
+
+    Returns
+    -------
+    numpy.random.Generator
     """
     text = "|".join(repr(float(p)) if isinstance(p, float) else repr(p) for p in parts)
     key = int(hashlib.sha256(text.encode()).hexdigest()[:16], 16)
@@ -310,7 +376,7 @@ def run_trials(
             trial = Trial(
                 lam=float(lam),
                 start_cost=cost(start, X, Y, activation, loss),
-                start_distance=float(np.linalg.norm(nw.flatten(start) - theta_star)),
+                start_distance=_distance(start, theta_star),
             )
             if options is not None:
                 _train(trial, start, X, Y, activation, options, rng, theta_star)
@@ -322,10 +388,26 @@ def run_trials(
     return out
 
 
+def _distance(params, theta_star):
+    """``|theta - theta*|``; inf (and no warning) when it overflows."""
+    with np.errstate(over="ignore"):
+        return float(np.linalg.norm(nw.flatten(params) - theta_star))
+
+
 def _train(trial, start, X, Y, activation, options, rng, theta_star):
-    result = flows.integrate(start, X, Y, options, activation, seed=rng)
+    """Train one start; a start or run the flow cannot handle fails the trial."""
+    if not math.isfinite(trial.start_cost):
+        trial.status, trial.stop_reason = "failed", "start"
+        trial.message = "the perturbed start's cost is not finite"
+        return
+    try:
+        result = flows.integrate(start, X, Y, options, activation, seed=rng)
+    except (ArithmeticError, np.linalg.LinAlgError, ValueError) as exc:
+        trial.status, trial.stop_reason = "failed", "error"
+        trial.message = f"{type(exc).__name__}: {exc}"
+        return
     trial.final_cost = result.cost_final
-    trial.distance = float(np.linalg.norm(nw.flatten(result.params) - theta_star))
+    trial.distance = _distance(result.params, theta_star)
     trial.s_final = result.s_final
     trial.steps = result.steps
     trial.stop_reason = result.stop_reason
@@ -354,33 +436,59 @@ def statistics(grid, minimizer_cost, threshold, quantiles=QUANTILES):
         ``start_quantiles``, ``final_quantiles`` (n_lambdas, n_quantiles);
         ``start_mean``, ``final_mean``, ``fraction_returned``,
         ``fraction_below_minimum`` (ended below ``C*`` by more than
-        ``BELOW_MARGIN * max(|C*|, 1)``), ``fraction_failed`` (training blew up
-        or stalled), ``distance_median`` (n_lambdas,). The ``final_*``
-        entries are NaN when nothing was trained.
+        ``BELOW_MARGIN * max(|C*|, 1)``), ``fraction_failed`` (training blew
+        up or stalled, or the start or run could not be evaluated),
+        ``fraction_cut_short`` (stopped by ``wall_limit``),
+        ``distance_median`` (n_lambdas,). Quantiles, means and medians are
+        over the trials with a finite value (NaN when there is none); the
+        fractions are over all trials. The trained entries are NaN when
+        nothing was trained.
     """
     q = np.asarray(quantiles, dtype=float)
     start = np.array([[t.start_cost for t in row] for row in grid], dtype=float)
     final = np.array([[t.final_cost for t in row] for row in grid], dtype=float)
     dist = np.array([[t.distance for t in row] for row in grid], dtype=float)
     failed = np.array([[t.status == "failed" for t in row] for row in grid])
-    trained = bool(np.isfinite(final).any())
+    cut = np.array([[t.stop_reason == "wall" for t in row] for row in grid])
+    trained = any(t.status for row in grid for t in row)
     below = minimizer_cost - BELOW_MARGIN * max(abs(minimizer_cost), 1.0)
-    nan_rows = np.full((len(grid), q.size), math.nan)
-    return {
-        "start_quantiles": np.quantile(start, q, axis=1).T,
-        "start_mean": start.mean(axis=1),
-        "final_quantiles": np.quantile(final, q, axis=1).T if trained else nan_rows,
-        "final_mean": final.mean(axis=1) if trained else np.full(len(grid), math.nan),
-        "fraction_returned": _fraction(final <= threshold, trained),
-        "fraction_below_minimum": _fraction(final < below, trained),
-        "fraction_failed": _fraction(failed, trained),
-        "distance_median": np.median(dist, axis=1)
-        if trained
-        else np.full(len(grid), math.nan),
+    with np.errstate(invalid="ignore"):
+        returned, escaped = final <= threshold, final < below
+    out = {
+        "start_quantiles": _finite_quantiles(start, q),
+        "start_mean": _finite_reduce(start, np.mean),
+        "final_quantiles": _finite_quantiles(final, q),
+        "final_mean": _finite_reduce(final, np.mean),
+        "fraction_returned": returned.mean(axis=1),
+        "fraction_below_minimum": escaped.mean(axis=1),
+        "fraction_failed": failed.mean(axis=1),
+        "fraction_cut_short": cut.mean(axis=1),
+        "distance_median": _finite_reduce(dist, np.median),
     }
-
-
-def _fraction(mask, trained):
     if not trained:
-        return np.full(mask.shape[0], math.nan)
-    return mask.mean(axis=1)
+        for key in out:
+            if not key.startswith("start"):
+                out[key] = np.full_like(out[key], math.nan, dtype=float)
+    return out
+
+
+def _finite_quantiles(values, q):
+    """Quantiles of each row's finite entries, shape (n_rows, n_quantiles)."""
+    return np.array(
+        [
+            np.quantile(row[np.isfinite(row)], q)
+            if np.isfinite(row).any()
+            else np.full(q.size, math.nan)
+            for row in values
+        ]
+    )
+
+
+def _finite_reduce(values, reduce):
+    """``reduce`` of each row's finite entries, shape (n_rows,), NaN if none."""
+    return np.array(
+        [
+            float(reduce(row[np.isfinite(row)])) if np.isfinite(row).any() else math.nan
+            for row in values
+        ]
+    )

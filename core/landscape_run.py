@@ -35,9 +35,6 @@ from .runs import (
 
 # Default return threshold above the minimizer's cost (``threshold: auto``).
 AUTO_THRESHOLD = 1e-4
-# Records kept per trained trial when the flow block does not say otherwise
-# is the flow's own ``record.points``; theta and the NTK spectrum are never
-# recorded for trials (they would cost more than the training).
 
 
 @dataclass
@@ -97,6 +94,7 @@ def run_landscape(run, progress=None):
 
 
 def _of_construct(w, run, base_dir):
+    """Build the minimizer from the run's data and ``construct:`` block."""
     cfg, land = run.config, run.config.landscape
     ds = make_dataset(cfg.data, run.rng("data"), base_dir)
     _write_data(w, ds)
@@ -151,6 +149,7 @@ def _pattern_name(pattern):
 
 
 def _of_result(w, run, base_dir):
+    """Read the minimizer, its data and targets from ``landscape.path``."""
     from .predict import load_network
 
     land = run.config.landscape
@@ -203,9 +202,17 @@ def _cost_targets(fcfg, targets, smoothed=False):
 
 
 def _trial_options(fcfg):
+    """The ``flow:`` block as checked FlowOptions for training the trials.
+
+    Trials record neither theta nor the NTK spectrum: both would cost more
+    than the training. A bad option fails the run here, before any trial.
+    """
+    from .flows import check_options
+
     options = flow_options(fcfg)
     options.spectrum = False
     options.store_theta = False
+    check_options(options)
     return options
 
 
@@ -235,6 +242,12 @@ class LandscapeResult:
 
 
 def _compute(run, mini, Y, options, progress):
+    """Slices, plane, trials and statistics around ``mini`` (targets ``Y``).
+
+    Directions come from ``stream([run_key, seed], purpose, ...)``: slice
+    ``i`` from ``("slice", i)``, the plane from ``("plane", 0)`` and
+    ``("plane", 1)``, trial ``t`` of size ``lam`` from ``("trial", lam, t)``.
+    """
     land, loss = run.config.landscape, run.config.flow.loss
     root = [run.run_key, run.seed]
     lambdas = np.asarray(land.lambdas, dtype=float)
@@ -246,34 +259,12 @@ def _compute(run, mini, Y, options, progress):
     tick = _Ticker(progress, land.directions + plane_rows + lambdas.size * land.trials)
 
     coords = ls.slice_grid(span, land.points)
-    dirs = [
-        ls.random_direction(mini.layers, ls.stream(root, "slice", i), land.relative)
-        for i in range(land.directions)
-    ]
-    slices = np.zeros((0, coords.size))
-    if dirs:
-        slices = np.array(
-            [
-                tick(ls.slice_costs(mini.layers, [d], coords, mini.X, Y, **evaluate)[0])
-                for d in dirs
-            ]
-        )
+    slices = _slices(mini, Y, coords, root, land, evaluate, tick)
     plane_coords = plane = None
     cos = math.nan
     if land.plane:
         plane_coords = ls.slice_grid(span, land.plane_points)
-        d1, d2 = (
-            ls.random_direction(mini.layers, ls.stream(root, "plane", i), land.relative)
-            for i in range(2)
-        )
-        d2 = ls.orthogonalize(d2, d1)
-        cos = ls.cosine(d1, d2)
-        plane = np.array(
-            [
-                tick(_plane_row(mini, d1, d2, plane_coords, b, Y, evaluate))
-                for b in plane_coords
-            ]
-        )
+        plane, cos = _plane(mini, Y, plane_coords, root, land, evaluate, tick)
     grid = ls.run_trials(
         mini.layers,
         mini.X,
@@ -308,7 +299,31 @@ def _compute(run, mini, Y, options, progress):
     )
 
 
+def _slices(mini, Y, coords, root, land, evaluate, tick):
+    """Cost along ``land.directions`` random lines, shape (directions, points)."""
+    rows = []
+    for i in range(land.directions):
+        d = ls.random_direction(mini.layers, ls.stream(root, "slice", i), land.relative)
+        cut = ls.slice_costs(mini.layers, [d], coords, mini.X, Y, **evaluate)[0]
+        rows.append(tick(cut))
+    return np.array(rows) if rows else np.zeros((0, coords.size))
+
+
+def _plane(mini, Y, coords, root, land, evaluate, tick):
+    """Cost on the random plane (rows b, columns a) and the directions' cosine."""
+    d1, d2 = (
+        ls.random_direction(mini.layers, ls.stream(root, "plane", i), land.relative)
+        for i in range(2)
+    )
+    d2 = ls.orthogonalize(d2, d1)
+    plane = np.array(
+        [tick(_plane_row(mini, d1, d2, coords, b, Y, evaluate)) for b in coords]
+    )
+    return plane, ls.cosine(d1, d2)
+
+
 def _plane_row(mini, d1, d2, coords, b, Y, evaluate):
+    """One row of the plane: ``C(theta* + a d1 + b d2)`` for every ``a``."""
     return np.array(
         [
             ls.cost(ls.perturb(mini.layers, (a, d1), (b, d2)), mini.X, Y, **evaluate)
@@ -334,6 +349,7 @@ class _Ticker:
 
 
 def _write(w, r):
+    """Store a LandscapeResult under ``landscape/`` (layout in the README)."""
     w.array("landscape", "lambdas", r.lambdas)
     w.array("landscape", "quantiles", r.quantiles)
     if r.slices.size:
@@ -386,6 +402,7 @@ ROW_KEYS = (
     "fraction_returned",
     "fraction_below_minimum",
     "fraction_failed",
+    "fraction_cut_short",
     "final_mean",
     "start_mean",
     "distance_median",
@@ -407,13 +424,21 @@ def _row(r):
         "quantiles": r.quantiles.tolist(),
         "start_cost_quantiles": _lists(r.stats["start_quantiles"]),
         "final_cost_quantiles": _lists(r.stats["final_quantiles"]),
-        "slice_max": _clean(np.max(r.slices)) if r.slices.size else None,
-        "slice_min": _clean(np.min(r.slices)) if r.slices.size else None,
-        "plane_max": _clean(np.max(r.plane)) if r.plane is not None else None,
+        "slice_max": _finite_extreme(r.slices, np.max),
+        "slice_min": _finite_extreme(r.slices, np.min),
+        "plane_max": _finite_extreme(r.plane, np.max),
     }
     for key in ROW_KEYS:
         row[key] = [_clean(v) for v in r.stats[key]]
     return row
+
+
+def _finite_extreme(values, reduce):
+    """``reduce`` over the finite values (overflowed costs are inf), or None."""
+    if values is None:
+        return None
+    finite = np.asarray(values)[np.isfinite(values)]
+    return float(reduce(finite)) if finite.size else None
 
 
 def _lists(a):
@@ -442,7 +467,11 @@ def _message(r):
             r.stats["fraction_below_minimum"],
         )
     ]
-    failed = int(sum(t.status == "failed" for row in r.grid for t in row))
+    trials = [t for row in r.grid for t in row]
+    failed = sum(t.status == "failed" for t in trials)
     if failed:
         parts.append(f"{failed} trials failed numerically (see trials/stop_reason)")
+    cut = sum(t.stop_reason == "wall" for t in trials)
+    if cut:
+        parts.append(f"{cut} trials stopped by flow.wall_limit before the end")
     return text + f" (threshold {r.threshold:.1e}); " + ", ".join(parts)

@@ -57,11 +57,34 @@ def load_network(path):
     trunc = res.get("truncation", {})
     return StoredNetwork(
         layers=store.read_layers(net),
-        activation=str(net["attrs"].get("activation", "relu")),
+        activation=_activation(res),
         Y=res.get("data", {}).get("Y"),
         cumulative=cumulative,
         apexes=trunc.get("apexes"),
     )
+
+
+def _activation(res):
+    """The stored network's activation: its attribute, else the run's spec.
+
+    Files written before every kind stored the attribute (trap and collapse
+    results) still say it in their resolved spec; constructions are ReLU.
+    """
+    stored = res["network"]["attrs"].get("activation")
+    if stored:
+        return str(stored)
+    import yaml
+
+    try:
+        spec = yaml.safe_load(res.get("spec", {}).get("run", "")) or {}
+    except yaml.YAMLError:
+        spec = {}
+    network = spec.get("network") if isinstance(spec, dict) else None
+    if res["attrs"].get("kind") in ("flow", "trap", "collapse", "truncate") and (
+        isinstance(network, dict) and network.get("activation")
+    ):
+        return str(network["activation"])
+    return "relu"
 
 
 @dataclass

@@ -612,7 +612,7 @@ def flow_options(fcfg):
         batch=fcfg.batch,
         momentum=fcfg.momentum,
         nesterov=fcfg.nesterov,
-        epochs=fcfg.epochs,
+        epochs=100 if fcfg.epochs is None else fcfg.epochs,
     )
 
 

@@ -60,7 +60,8 @@ class SpecErrors(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No key of a spec takes infinities or NaN (YAML's .inf, .nan).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 Matrix = list[list[float]]
@@ -255,7 +256,7 @@ class FlowSpec(_Strict):
     batch: int | None = Field(None, ge=1)
     momentum: float = Field(0.0, ge=0, lt=1)
     nesterov: bool = False
-    epochs: int = Field(100, ge=1)
+    epochs: int | None = Field(None, ge=1)
 
 
 class SlsData(_Strict):
@@ -424,6 +425,13 @@ class LandscapeSpec(_Strict):
             )
         _odd(self.points, "points")
         _odd(self.plane_points, "plane_points")
+        _expect(
+            len(set(self.lambdas)) == len(self.lambdas),
+            "lambdas",
+            self.lambdas,
+            "distinct sizes (a repeated size would repeat the same trials; raise "
+            "landscape.trials instead)",
+        )
         return self
 
 
@@ -497,6 +505,14 @@ class Experiment(_Strict):
                 _check_construct_shapes(self)
         if self.kind == "landscape":
             _check_landscape(self)
+        if self.kind == "trap" and self.trap.path is None:
+            _expect(
+                self.flow.solver not in ("euler", "sgd"),
+                "flow.solver",
+                self.flow.solver,
+                "an ODE solver or auto: trap integrates the continuous standard "
+                "flow (DOP853); gradient descent and SGD are not that flow",
+            )
         if (
             self.kind == "flow"
             or (self.kind == "trap" and self.trap.path is None)
@@ -509,6 +525,13 @@ class Experiment(_Strict):
 def _check_landscape(exp):
     """The minimizer's construction and, when trials train, the flow block."""
     land = exp.landscape
+    if land.of == "construct":
+        _expect(
+            exp.network.activation == "relu",
+            "network.activation",
+            exp.network.activation,
+            "relu (the constructed minimizers are ReLU networks)",
+        )
     if land.of == "construct" and land.pattern is None:
         if isinstance(exp.data, (ClustersData, SlsData)):
             _check_construct_shapes(exp)
@@ -592,6 +615,8 @@ def _check_flow(exp):
 def _check_solver(flow):
     if flow.solver == "sgd":
         _check_sgd(flow)
+    else:
+        _check_not_sgd(flow)
     if flow.solver == "euler":
         _expect(
             flow.step is not None,
@@ -615,6 +640,34 @@ def _check_sgd(flow):
             f"flow.{key}",
             getattr(flow, key),
             f"nothing with solver: sgd (it runs for {what})",
+        )
+    _expect(
+        not flow.nesterov or flow.momentum > 0,
+        "flow.nesterov",
+        flow.nesterov,
+        "true only with flow.momentum > 0 (without momentum it is plain SGD)",
+    )
+
+
+# Keys of the sgd solver, and their values when unset.
+SGD_KEYS = {
+    "lr": None,
+    "batch": None,
+    "momentum": 0.0,
+    "nesterov": False,
+    "epochs": None,
+}
+
+
+def _check_not_sgd(flow):
+    """The sgd keys do nothing for the other solvers: refuse them there."""
+    for key, unset in SGD_KEYS.items():
+        value = getattr(flow, key)
+        _expect(
+            value == unset,
+            f"flow.{key}",
+            value,
+            f"nothing with solver: {flow.solver} (flow.{key} is a key of solver: sgd)",
         )
 
 
@@ -661,15 +714,17 @@ def _parse_yaml(text, file):
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
-        raise SpecErrors([
-            SpecError(
-                file,
-                line,
-                "",
-                f"invalid YAML ({exc.problem})",
-                "a YAML mapping with 'defaults' and 'experiments'",
-            )
-        ]) from None
+        raise SpecErrors(
+            [
+                SpecError(
+                    file,
+                    line,
+                    "",
+                    f"invalid YAML ({exc.problem})",
+                    "a YAML mapping with 'defaults' and 'experiments'",
+                )
+            ]
+        ) from None
     finally:
         loader.dispose()
     return value, lines
@@ -683,15 +738,17 @@ def _walk(node, path, lines, loader, file):
         for k_node, v_node in node.value:
             key = loader.construct_object(k_node, deep=True)
             if key in out:
-                raise SpecErrors([
-                    SpecError(
-                        file,
-                        k_node.start_mark.line + 1,
-                        _dotted(path + (key,)),
-                        f"duplicate key {key!r}",
-                        "each key once per mapping",
-                    )
-                ])
+                raise SpecErrors(
+                    [
+                        SpecError(
+                            file,
+                            k_node.start_mark.line + 1,
+                            _dotted(path + (key,)),
+                            f"duplicate key {key!r}",
+                            "each key once per mapping",
+                        )
+                    ]
+                )
             out[key] = _walk(v_node, path + (key,), lines, loader, file)
             lines[path + (key,)] = k_node.start_mark.line + 1
         return out
@@ -799,9 +856,9 @@ def load_spec(path):
     path = Path(path)
     file = str(path)
     if not path.exists():
-        raise SpecErrors([
-            SpecError(file, None, "", "no such file", "a path to a YAML spec")
-        ])
+        raise SpecErrors(
+            [SpecError(file, None, "", "no such file", "a path to a YAML spec")]
+        )
     text = path.read_text()
     raw, lines = _parse_yaml(text, file)
     spec = Spec(file, text, lines=lines)
@@ -1141,15 +1198,17 @@ def plan(spec, out_dir="results", names=None, kinds=None):
     if names:
         unknown = [n for n in names if n not in all_names]
         if unknown:
-            raise SpecErrors([
-                SpecError(
-                    spec.file,
-                    None,
-                    "-e",
-                    ", ".join(map(repr, unknown)),
-                    "experiment names: " + ", ".join(all_names),
-                )
-            ])
+            raise SpecErrors(
+                [
+                    SpecError(
+                        spec.file,
+                        None,
+                        "-e",
+                        ", ".join(map(repr, unknown)),
+                        "experiment names: " + ", ".join(all_names),
+                    )
+                ]
+            )
     runs = []
     for _, merged in spec.experiments:
         if names and merged["name"] not in names:

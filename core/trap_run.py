@@ -135,6 +135,7 @@ def _integrated(w, run, base_dir, progress):
     )
     if result.flow is not None:
         store.store_layers(w, "network", result.flow.params)
+        w.set_attrs("network", activation=cfg.network.activation)
     return result
 
 
@@ -150,6 +151,12 @@ def _from_file(w, run, base_dir, progress):
         raise RunFailure(
             f"trap.path: {path} has no recorded theta; rerun the flow with "
             "flow.store_theta: true"
+        )
+    solver = (res["attrs"].get("summary") or {}).get("solver")
+    if solver in ("euler", "sgd"):
+        raise RunFailure(
+            f"trap.path: {path} was trained with solver {solver}; the trapping "
+            "bound is about the continuous standard flow (use an ODE solver)"
         )
     if res["attrs"].get("flow_kind") not in (None, "standard"):
         raise RunFailure(

@@ -284,7 +284,10 @@ def test_cosine_of_a_direction_with_itself_and_its_negative(net):
 # -------------------------------------------------------------- statistics
 
 
-def trial(start, final=math.nan, distance=math.nan, status="ok"):
+def trial(start, final=math.nan, distance=math.nan, status=None):
+    """A hand-made trial; trained (status "ok") when it has a final cost."""
+    if status is None:
+        status = "ok" if math.isfinite(final) else ""
     return ls.Trial(
         lam=0.0,
         start_cost=start,
@@ -562,6 +565,10 @@ experiments:
         ("{pattern: [1, 0]}", "{}", "landscape.pattern"),
         ("{train: true}", "{solver: sgd}", "flow.lr"),
         ("{lambdas: [-0.1]}", "{}", "landscape.lambdas"),
+        ("{lambdas: [0.1, 0.1]}", "{}", "landscape.lambdas"),
+        ("{lambdas: [.inf]}", "{}", "landscape.lambdas"),
+        ("{span: .inf}", "{}", "landscape.span"),
+        ("{train: true}", "{solver: sgd, lr: .nan}", "flow.lr"),
     ],
 )
 def test_bad_landscape_spec_is_refused_with_the_key(tmp_path, landscape, flow, key):
@@ -682,3 +689,74 @@ def test_of_result_pattern_of_wrong_length_names_the_landscape_key(tmp_path):
     row = rows(result)["keep-from-file"]
     assert row["status"] == "failed" and "found 2 entries" in row["message"]
     assert "landscape.pattern" in row["message"]
+
+
+HUGE = """\
+experiments:
+  - name: huge
+    kind: landscape
+    data: {source: clusters, classes: 3, dim: 3, points: 6, radius: 0.1}
+    landscape: {lambdas: [0, 1.0e200], trials: 2, train: true, points: 5,
+                plane_points: 5}
+    flow: {solver: sgd, lr: 0.05, batch: 1, epochs: 3}
+  - name: diverging
+    kind: landscape
+    data: {source: clusters, classes: 3, dim: 3, points: 6, radius: 0.1}
+    landscape: {lambdas: [0, 1000], trials: 2, train: true, directions: 0,
+                plane: false}
+    flow: {solver: sgd, lr: 0.5, batch: 1, epochs: 5}
+"""
+
+
+def test_trials_that_overflow_fail_alone_and_are_counted(tmp_path):
+    spec = write_spec(tmp_path, HUGE)
+    result = invoke("landscape", spec, "-o", tmp_path / "out", "--json", "-j", "1")
+    assert result.exit_code == 0, result.output
+    assert "Warning" not in result.stderr  # core lets no overflow warning out
+    found = rows(result)
+    huge, diverging = found["huge"], found["diverging"]
+    assert huge["status"] == "ok" and huge["fraction_failed"] == [0.0, 1.0]
+    assert huge["start_cost_quantiles"][1] == [None] * 3  # inf starts: no quantile
+    assert huge["slice_min"] == huge["minimizer_cost"]  # only the origin is finite
+    f = store.load(tmp_path / "out" / "huge" / "run.h5")
+    assert list(f["landscape"]["trials"]["stop_reason"][1]) == ["start", "start"]
+    assert np.all(np.isinf(f["landscape"]["trials"]["start_cost"][1]))
+    assert diverging["status"] == "ok" and diverging["fraction_failed"][1] > 0
+    for name in ("huge", "diverging"):
+        drawn = invoke("plot", tmp_path / "out" / name / "run.h5", "--what", "all")
+        assert drawn.exit_code == 0, drawn.output
+
+
+TANH_TRAP = """\
+experiments:
+  - name: orbit
+    kind: trap
+    data: {source: clusters, classes: 2, dim: 3, points: 4, radius: 0.2}
+    network: {hidden: [6], activation: tanh}
+    flow: {time: 20}
+  - name: around
+    kind: landscape
+    landscape: {of: result, path: out/orbit/run.h5, lambdas: [0], trials: 1,
+                points: 3, plane: false}
+"""
+
+
+def test_of_result_keeps_the_activation_of_a_trap_result(tmp_path):
+    spec = write_spec(tmp_path, TANH_TRAP)
+    first = invoke("trap", spec, "-o", tmp_path / "out", "--json", "-j", "1")
+    assert first.exit_code == 0, first.output
+    then = invoke("landscape", spec, "-o", tmp_path / "out", "--json", "-j", "1")
+    assert then.exit_code == 0, then.output
+    f = store.load(tmp_path / "out" / "orbit" / "run.h5")
+    layers = store.read_layers(f["network"])
+    want = hand_cost(layers, f["data"]["X"], f["data"]["targets"], "tanh")
+    got = rows(then)["around"]["minimizer_cost"]
+    assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_a_constructed_minimizer_is_relu_only(tmp_path):
+    text = BAD.format(landscape="{}", flow="{}").replace(
+        "    landscape:", "    network: {activation: tanh}\n    landscape:"
+    )
+    result = invoke("validate", write_spec(tmp_path, text))
+    assert result.exit_code == 2 and "network.activation" in result.output

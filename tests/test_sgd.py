@@ -236,3 +236,76 @@ def test_bad_sgd_spec_is_refused_with_the_key(tmp_path, flow, key):
     res = CliRunner().invoke(app, ["validate", str(path)])
     assert res.exit_code == 2
     assert key in res.output and "Traceback" not in res.output
+
+
+def test_mini_batch_overflow_stops_at_the_last_checked_epoch(problem):
+    X, Y, params = problem
+    res = flows.integrate(params, X, Y, sgd(lr=1e4, batch=1, epochs=3), "tanh")
+    assert (res.status, res.stop_reason) == ("failed", "blowup")
+    assert "flow.lr" in res.message and "epoch 1" in res.message
+    # the state reported is the start, the last one checked on the full data
+    np.testing.assert_array_equal(nw.flatten(res.params), nw.flatten(params))
+    assert res.records["epoch"][-1] == 0.0 and np.isfinite(res.cost_final)
+
+
+def test_a_zero_cost_start_does_not_count_as_a_blow_up():
+    """At a minimizer C(0) ~ 1e-32: growth by 1e12 over it is still rounding.
+
+    A linear layer with X = I: the residual's mode (1, 1) has NTK eigenvalue
+    3, so gradient descent with step 8/3 multiplies it by 1 - 3 h / N = -3
+    per step: from 1e-16 to 3.5e-7 in 20 steps, C from 1e-32 to ~1e-13.
+    """
+    X, Y = np.eye(2), np.eye(2)
+    params = [(np.eye(2), np.full(2, 1e-16))]
+    opts = flows.FlowOptions(
+        kind="standard", solver="euler", step=8 / 3, time=20 * 8 / 3, record=3
+    )
+    res = flows.integrate(params, X, Y, opts, "relu")
+    assert res.status == "ok" and res.stop_reason == "time", res.message
+    assert 1e-15 < res.cost_final < 1e-10  # grew 1e17-fold, far below |y|^2/(2N)
+
+
+@pytest.mark.parametrize(
+    "flow, key",
+    [
+        ("{solver: euler, step: 0.1, lr: 0.1}", "flow.lr"),
+        ("{solver: RK45, momentum: 0.9}", "flow.momentum"),
+        ("{batch: 4}", "flow.batch"),
+        ("{solver: sgd, lr: 0.1, nesterov: true}", "flow.nesterov"),
+        ("{solver: sgd, lr: .inf}", "flow.lr"),
+    ],
+)
+def test_sgd_keys_belong_to_sgd(tmp_path, flow, key):
+    text = SPEC.replace(
+        "    flow:\n      solver: sgd\n      lr: 0.1\n      batch: 5\n"
+        "      momentum: 0.5\n      epochs: 12\n      record: {points: 5}\n",
+        f"    flow: {flow}\n",
+    )
+    res = CliRunner().invoke(app, ["validate", str(write_spec(tmp_path, text))])
+    assert res.exit_code == 2 and key in res.output, res.output
+
+
+def test_trap_refuses_gradient_descent_orbits(tmp_path):
+    text = SPEC + (
+        "  - name: trap-sgd\n    kind: trap\n"
+        "    data: {source: clusters, classes: 2, dim: 2, points: 4, radius: 0.1}\n"
+        "    network: {hidden: [4], activation: tanh}\n"
+        "    flow: {solver: sgd, lr: 0.1}\n"
+    )
+    res = CliRunner().invoke(app, ["validate", str(write_spec(tmp_path, text))])
+    assert res.exit_code == 2 and "flow.solver" in res.output
+    stored = SPEC.replace(
+        "      epochs: 12\n", "      epochs: 12\n      store_theta: true\n"
+    )
+    stored += (
+        "  - name: trap-file\n    kind: trap\n    trap: {path: out/sgd/seed=0.h5}\n"
+    )
+    path = write_spec(tmp_path, stored)
+    first = CliRunner().invoke(app, ["flow", str(path), "-o", str(tmp_path / "out")])
+    assert first.exit_code == 0, first.output
+    res = CliRunner().invoke(
+        app, ["trap", str(path), "-o", str(tmp_path / "out"), "--json"]
+    )
+    assert res.exit_code == 1
+    row = json.loads(res.stdout.splitlines()[0])
+    assert row["status"] == "failed" and "solver sgd" in row["message"]
