@@ -1046,6 +1046,10 @@ def _locate(spec, i, raw, point, err):
     return SpecError(spec.file, line, where, found, allowed)
 
 
+# Names pydantic gives the members of a union in error locations.
+_TYPE_TAGS = ("int", "float", "str", "bool")
+
+
 def _raw_path(raw, loc):
     """Drop pydantic's union tags from an error location."""
     out, node = [], raw
@@ -1060,7 +1064,8 @@ def _raw_path(raw, loc):
             continue
         elif (
             isinstance(part, str)
-            and part not in ("function-after",)
+            and "-" not in part  # pydantic's tags: function-after, constrained-float
+            and part not in _TYPE_TAGS
             and "[" not in part
         ):
             out.append(part)
@@ -1116,6 +1121,8 @@ def _allowed(err, raw):
         "less_than": "< {lt}",
         "less_than_equal": "<= {le}",
     }
+    if typ == "too_short":
+        return f"a list of at least {ctx.get('min_length')} item(s)"
     if typ in bounds:
         return "a number " + bounds[typ].format(**{k: f"{v:g}" for k, v in ctx.items()})
     msg = err["msg"]
@@ -1165,13 +1172,22 @@ def _short(value, limit=60):
 
 
 def _dedupe(errors):
-    seen, out = set(), []
+    """One error per key: a union's failed members join their 'allowed' parts."""
+    out = {}
     for e in errors:
-        key = (e.line, e.path, e.found, e.allowed)
-        if key not in seen:
-            seen.add(key)
-            out.append(e)
-    return out
+        key = (e.line, e.path, e.found)
+        if key not in out:
+            out[key] = e
+        elif e.allowed not in out[key].allowed.split(" or "):
+            first = out[key]
+            out[key] = SpecError(
+                first.file,
+                first.line,
+                first.path,
+                first.found,
+                f"{first.allowed} or {e.allowed}",
+            )
+    return list(out.values())
 
 
 # ------------------------------------------------------------------ planning

@@ -754,6 +754,21 @@ def test_of_result_keeps_the_activation_of_a_trap_result(tmp_path):
     assert got == pytest.approx(want, rel=1e-12)
 
 
+def test_a_union_key_gets_one_error_naming_both_forms(tmp_path):
+    text = BAD.format(landscape="{threshold: -1, lambdas: []}", flow="{}")
+    result = invoke("validate", write_spec(tmp_path, text))
+    assert result.exit_code == 2
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("error")]
+    assert len(lines) == 2, result.output
+    assert "landscape.threshold: found -1; allowed: 'auto' or a number >= 0" in (
+        result.output
+    )
+    assert "constrained" not in result.output
+    assert "landscape.lambdas: found []; allowed: a list of at least 1" in (
+        result.output
+    )
+
+
 def test_a_constructed_minimizer_is_relu_only(tmp_path):
     text = BAD.format(landscape="{}", flow="{}").replace(
         "    landscape:", "    network: {activation: tanh}\n    landscape:"
