@@ -495,12 +495,7 @@ class Experiment(_Strict):
         if self.kind == "collapse" and self.collapse.of == "flow":
             _check_flow(self)
         if self.kind == "construct":
-            _expect(
-                self.network.activation == "relu",
-                "network.activation",
-                self.network.activation,
-                "relu (the constructions are ReLU networks)",
-            )
+            _check_relu(self)
             if isinstance(self.data, (ClustersData, SlsData)):
                 _check_construct_shapes(self)
         if self.kind == "landscape":
@@ -522,16 +517,20 @@ class Experiment(_Strict):
         return self
 
 
+def _check_relu(exp):
+    _expect(
+        exp.network.activation == "relu",
+        "network.activation",
+        exp.network.activation,
+        "relu (the constructions are ReLU networks)",
+    )
+
+
 def _check_landscape(exp):
     """The minimizer's construction and, when trials train, the flow block."""
     land = exp.landscape
     if land.of == "construct":
-        _expect(
-            exp.network.activation == "relu",
-            "network.activation",
-            exp.network.activation,
-            "relu (the constructed minimizers are ReLU networks)",
-        )
+        _check_relu(exp)
     if land.of == "construct" and land.pattern is None:
         if isinstance(exp.data, (ClustersData, SlsData)):
             _check_construct_shapes(exp)
