@@ -116,7 +116,7 @@ def _of_result(w, summary, run, base_dir, progress):
     res = store.load(path)
     if "data" not in res or "X" not in res["data"]:
         raise RunFailure(f"collapse.path: {path} holds no data to measure on")
-    net = load_network(path)
+    net = load_network(path, res)
     X, labels = res["data"]["X"], res["data"]["labels"]
     w.array("data", "X", X)
     w.array("data", "labels", labels)

@@ -210,7 +210,9 @@ def gradient_norm(params, X, Y, activation="relu", loss="l2"):
     return float(np.linalg.norm(nw.vjp(params, X, g, activation)))
 
 
-def slice_costs(params, directions, coords, X, Y, activation="relu", loss="l2"):
+def slice_costs(
+    params, directions, coords, X, Y, activation="relu", loss="l2", progress=None
+):
     """``C(theta* + a d)`` along each direction.
 
     Parameters
@@ -221,20 +223,33 @@ def slice_costs(params, directions, coords, X, Y, activation="relu", loss="l2"):
     coords : ndarray, shape (n_points,)
     X : ndarray, shape (n_samples, n_inputs)
     Y : ndarray, shape (n_samples, n_outputs)
+    progress : callable, optional
+        ``progress()`` after each direction.
 
     Returns
     -------
     ndarray, shape (n_directions, n_points)
     """
-    return np.array(
-        [
-            [cost(perturb(params, (a, d)), X, Y, activation, loss) for a in coords]
-            for d in directions
-        ]
-    )
+    rows = ([((a, d),) for a in coords] for d in directions)
+    costs = _grid(params, rows, X, Y, activation, loss, progress)
+    return costs if len(directions) else np.zeros((0, len(coords)))
 
 
-def plane_costs(params, d1, d2, coords, X, Y, activation="relu", loss="l2"):
+def _grid(params, rows, X, Y, activation, loss, progress):
+    """Costs at ``perturb(params, *steps)`` for each steps of each row."""
+    out = []
+    for row in rows:
+        out.append(
+            [cost(perturb(params, *steps), X, Y, activation, loss) for steps in row]
+        )
+        if progress is not None:
+            progress()
+    return np.array(out)
+
+
+def plane_costs(
+    params, d1, d2, coords, X, Y, activation="relu", loss="l2", progress=None
+):
     """``C(theta* + a d1 + b d2)`` on a square grid.
 
     Parameters
@@ -246,6 +261,8 @@ def plane_costs(params, d1, d2, coords, X, Y, activation="relu", loss="l2"):
         Grid of ``a`` and of ``b``.
     X : ndarray, shape (n_samples, n_inputs)
     Y : ndarray, shape (n_samples, n_outputs)
+    progress : callable, optional
+        ``progress()`` after each row.
 
     Returns
     -------
@@ -253,15 +270,8 @@ def plane_costs(params, d1, d2, coords, X, Y, activation="relu", loss="l2"):
         Entry ``(i, j)`` is at ``a = coords[j]``, ``b = coords[i]`` (rows are
         ``b``, as a contour plot expects).
     """
-    return np.array(
-        [
-            [
-                cost(perturb(params, (a, d1), (b, d2)), X, Y, activation, loss)
-                for a in coords
-            ]
-            for b in coords
-        ]
-    )
+    rows = ([((a, d1), (b, d2)) for a in coords] for b in coords)
+    return _grid(params, rows, X, Y, activation, loss, progress)
 
 
 def stream(root, *parts):

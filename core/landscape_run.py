@@ -27,6 +27,7 @@ from .runs import (
     _pattern_network,
     _write_data,
     base_summary,
+    cost_targets,
     deep_construction,
     existing_file,
     flow_options,
@@ -74,7 +75,7 @@ def run_landscape(run, progress=None):
     try:
         try:
             mini = SOURCES[land.of](w, run, base_dir)
-            Y = _cost_targets(cfg.flow, mini.targets, mini.smoothed)
+            Y = cost_targets(cfg.flow, mini.targets, mini.smoothed)
             options = _trial_options(cfg.flow) if land.train else None
         except (RunFailure, ValueError, OSError) as exc:
             return _finish(w, summary, "failed", str(exc))
@@ -168,13 +169,13 @@ def _of_result(w, run, base_dir):
         raise RunFailure(f"landscape.path: {path} holds no targets for the cost")
     if land.pattern is not None:
         layers = _pattern_network(
-            path, land.pattern, run.config.construct, "landscape.pattern"
+            path, land.pattern, run.config.construct, "landscape.pattern", res
         )
         activation = "relu"
         what = f"{_pattern_name(land.pattern)} on {path.name}"
     else:
         try:
-            net = load_network(path)
+            net = load_network(path, res)
         except ValueError as exc:
             raise RunFailure(f"landscape.path: {exc}") from exc
         layers, activation, what = net.layers, net.activation, f"network of {path.name}"
@@ -185,20 +186,6 @@ def _of_result(w, run, base_dir):
 
 
 SOURCES = {"construct": _of_construct, "result": _of_result}
-
-
-def _cost_targets(fcfg, targets, smoothed=False):
-    """Per-sample targets of the cost (label smoothing as the flows use it)."""
-    Y = np.asarray(targets, dtype=float)
-    eps = 0.0 if smoothed else fcfg.label_smoothing
-    if eps:
-        Y = (1.0 - eps) * Y + eps / Y.shape[1]
-    if fcfg.loss == "ce" and not np.all(Y > 0):
-        raise RunFailure(
-            "flow.loss: ce needs strictly positive label vectors; set "
-            "flow.label_smoothing (e.g. 0.1)"
-        )
-    return Y
 
 
 def _trial_options(fcfg):
@@ -274,7 +261,7 @@ def _compute(run, mini, Y, options, progress):
         root,
         relative=land.relative,
         options=options,
-        progress=lambda done, total: tick(None),
+        progress=tick,
         **evaluate,
     )
     threshold = c_star + AUTO_THRESHOLD if land.threshold == "auto" else land.threshold
@@ -301,12 +288,13 @@ def _compute(run, mini, Y, options, progress):
 
 def _slices(mini, Y, coords, root, land, evaluate, tick):
     """Cost along ``land.directions`` random lines, shape (directions, points)."""
-    rows = []
-    for i in range(land.directions):
-        d = ls.random_direction(mini.layers, ls.stream(root, "slice", i), land.relative)
-        cut = ls.slice_costs(mini.layers, [d], coords, mini.X, Y, **evaluate)[0]
-        rows.append(tick(cut))
-    return np.array(rows) if rows else np.zeros((0, coords.size))
+    dirs = [
+        ls.random_direction(mini.layers, ls.stream(root, "slice", i), land.relative)
+        for i in range(land.directions)
+    ]
+    return ls.slice_costs(
+        mini.layers, dirs, coords, mini.X, Y, progress=tick, **evaluate
+    )
 
 
 def _plane(mini, Y, coords, root, land, evaluate, tick):
@@ -316,33 +304,26 @@ def _plane(mini, Y, coords, root, land, evaluate, tick):
         for i in range(2)
     )
     d2 = ls.orthogonalize(d2, d1)
-    plane = np.array(
-        [tick(_plane_row(mini, d1, d2, coords, b, Y, evaluate)) for b in coords]
+    plane = ls.plane_costs(
+        mini.layers, d1, d2, coords, mini.X, Y, progress=tick, **evaluate
     )
     return plane, ls.cosine(d1, d2)
 
 
-def _plane_row(mini, d1, d2, coords, b, Y, evaluate):
-    """One row of the plane: ``C(theta* + a d1 + b d2)`` for every ``a``."""
-    return np.array(
-        [
-            ls.cost(ls.perturb(mini.layers, (a, d1), (b, d2)), mini.X, Y, **evaluate)
-            for a in coords
-        ]
-    )
-
-
 class _Ticker:
-    """Counts finished work units and reports ``progress(done, total)``."""
+    """Counts finished work units and reports ``progress(done, total)``.
+
+    Called with whatever the piece of work reports (nothing, or its own
+    counts), which it ignores.
+    """
 
     def __init__(self, progress, total):
         self.progress, self.total, self.done = progress, max(total, 1), 0
 
-    def __call__(self, value):
+    def __call__(self, *_):
         self.done += 1
         if self.progress is not None:
             self.progress(float(self.done), float(self.total))
-        return value
 
 
 # ------------------------------------------------------------------ output

@@ -46,9 +46,13 @@ class StoredNetwork:
         return self.layers[0][0].shape[1]
 
 
-def load_network(path):
-    """Read the network (and what the truncation rule needs) from a result file."""
-    res = store.load(path)
+def load_network(path, res=None):
+    """Read the network (and what the truncation rule needs) from a result file.
+
+    ``res`` is the file as :func:`dlmin.core.store.load` returned it, when
+    the caller has read it already.
+    """
+    res = store.load(path) if res is None else res
     if "network" not in res or not store.read_layers(res["network"]):
         status = res["attrs"].get("status", "unknown")
         raise ValueError(f"{path}: holds no network (run status: {status})")

@@ -33,10 +33,11 @@ def existing_file(value, base_dir, key):
 
 def make_dataset(cfg, rng, base_dir="."):
     """Build the dataset a run's ``data:`` block describes."""
+    # targets given as rows (row j is y_j); else one-hot or the file's own
+    given = (
+        np.asarray(cfg.targets, dtype=float) if isinstance(cfg.targets, list) else None
+    )
     if cfg.source == "clusters":
-        targets = (
-            None if cfg.targets == "onehot" else np.asarray(cfg.targets, dtype=float)
-        )
         return data_mod.clusters(
             cfg.classes,
             cfg.dim,
@@ -48,14 +49,11 @@ def make_dataset(cfg, rng, base_dir="."):
             scale=cfg.scale,
             separation=cfg.separation,
             means=cfg.means,
-            targets=targets,
+            targets=given,
         )
     if cfg.source == "sls":
         from .sls import make_sls_data
 
-        targets = (
-            None if cfg.targets == "onehot" else np.asarray(cfg.targets, dtype=float)
-        )
         return make_sls_data(
             cfg.classes,
             cfg.dim,
@@ -67,7 +65,7 @@ def make_dataset(cfg, rng, base_dir="."):
             width=cfg.width,
             gap=cfg.gap,
             offset=cfg.offset,
-            targets=targets,
+            targets=given,
         )
     if cfg.source == "sklearn":
         ds = data_mod.load_sklearn(cfg.name, cfg.standardize, cfg.dim)
@@ -80,14 +78,13 @@ def make_dataset(cfg, rng, base_dir="."):
         ds = data_mod.load_file(path)
     if cfg.targets == "onehot":
         ds.Y = data_mod.one_hot(ds.n_classes)
-    elif isinstance(cfg.targets, list):
-        Y = np.asarray(cfg.targets, dtype=float)
-        if Y.shape[0] != ds.n_classes:
+    elif given is not None:
+        if given.shape[0] != ds.n_classes:
             raise data_mod.DataError(
-                f"data.targets has {Y.shape[0]} rows but {path} has "
+                f"data.targets has {given.shape[0]} rows but {path} has "
                 f"{ds.n_classes} classes"
             )
-        ds.Y = Y
+        ds.Y = given
     return ds
 
 
@@ -540,21 +537,21 @@ def perturb_params(params, size, relative, rng):
     return perturb(params, (size, random_direction(params, rng, relative)))
 
 
-def _pattern_network(path, pattern, copt=None, key="network.init.pattern"):
+def _pattern_network(path, pattern, copt=None, key="network.init.pattern", res=None):
     """The collapse/keep network of ``pattern`` on the data of a result file.
 
     Its output layer is the least-squares fit with an intercept: the best
     output layer for the hidden ones (the papers' fit has no output bias, and
     the network's free bias would then move at once under training).
     ``copt`` (a ``construct:`` block) gives ``mu_factor`` and ``nu_rule``;
-    ``key`` is the spec key errors name.
+    ``key`` is the spec key errors name; ``res`` the file already read.
     """
     from .family import build_collapse_keep
 
-    res = store.load(path)
+    res = store.load(path) if res is None else res
     if "data" not in res or "labels" not in res["data"]:
         raise RunFailure(
-            f"network.init.path: {path} holds no labelled data for a pattern"
+            f"{key.rsplit('.', 1)[0]}.path: {path} holds no labelled data for a pattern"
         )
     X, labels, Y = res["data"]["X"], res["data"]["labels"], res["data"]["Y"]
     if len(pattern) != Y.shape[0]:
@@ -573,11 +570,20 @@ def _pattern_network(path, pattern, copt=None, key="network.init.pattern"):
 
 def flow_targets(cfg, ds):
     """Per-sample targets; label smoothing ``(1 - e) y + e / Q`` for cross-entropy."""
-    Y = ds.sample_targets()
-    eps = cfg.flow.label_smoothing
+    return cost_targets(cfg.flow, ds.sample_targets())
+
+
+def cost_targets(fcfg, targets, smoothed=False):
+    """Per-sample targets of a ``flow:`` block's cost, shape (N, Q).
+
+    ``flow.label_smoothing`` applies unless the targets are ``smoothed``
+    already (as a result file stores them); cross-entropy needs them > 0.
+    """
+    Y = np.asarray(targets, dtype=float)
+    eps = 0.0 if smoothed else fcfg.label_smoothing
     if eps:
         Y = (1.0 - eps) * Y + eps / Y.shape[1]
-    if cfg.flow.loss == "ce" and not np.all(Y > 0):
+    if fcfg.loss == "ce" and not np.all(Y > 0):
         raise RunFailure(
             "flow.loss: ce needs strictly positive label vectors (one-hot labels "
             "have no finite minimizer); set flow.label_smoothing (e.g. 0.1) or give "

@@ -163,7 +163,7 @@ def _from_file(w, run, base_dir, progress):
             f"trap.path: {path} is a {res['attrs'].get('flow_kind')} flow; the "
             "trapping bound is about the standard flow"
         )
-    net = load_network(path)
+    net = load_network(path, res)
     X, Y = res["data"]["X"], res["data"].get("targets")
     if Y is None:
         Y = res["data"]["Y"][res["data"]["labels"]]
